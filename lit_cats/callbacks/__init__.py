@@ -1,0 +1,5 @@
+"""Callbacks for lit-cats runs, one per file."""
+
+from lit_cats.callbacks.throughput import TokenThroughput
+
+__all__ = ["TokenThroughput"]

@@ -1,0 +1,288 @@
+"""The LightningDataModule: load a dataset, tokenize it once (cached), batch it by length."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Sampler
+
+from lit_cats.assets import SHIPPED_DATASET, SHIPPED_DATASET_ID
+from lit_cats.formatting import (
+    IGNORE_INDEX,
+    Format,
+    detect_format,
+    prompt_response_to_messages,
+    tokenize_chat,
+    tokenize_text,
+    validate_column,
+)
+from lit_cats.loading import hub_errors, load_tokenizer, looks_like_path
+
+#: File suffix -> datasets builder name.
+_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+def load_raw_dataset(dataset: str, split: str = "train") -> datasets.Dataset:
+    """Load a Hub dataset id, a local file or a folder of files as one ``datasets.Dataset``.
+
+    Raises:
+        FileNotFoundError: For a path that does not exist.
+        ValueError: For an unsupported file type or an empty dataset.
+        RuntimeError: When the Hub cannot be reached, with how to use a local file instead.
+    """
+    if dataset == SHIPPED_DATASET_ID:
+        dataset = str(SHIPPED_DATASET)
+    path = Path(dataset).expanduser()
+    if path.exists():
+        ds = _load_local(path, split)
+    elif looks_like_path(dataset) or path.suffix in _BUILDERS:
+        raise FileNotFoundError(
+            f"Dataset path {dataset!r} does not exist. Pass an existing file or folder "
+            f"({', '.join(_BUILDERS)}), a Hub dataset id, or {SHIPPED_DATASET_ID!r} for the "
+            "dataset shipped with lit-cats."
+        )
+    else:
+        hint = f"point --data.dataset at a local file ({', '.join(_BUILDERS)})"
+        with hub_errors("dataset", dataset, hint):
+            ds = datasets.load_dataset(dataset, split=split)
+    if len(ds) == 0:
+        raise ValueError(f"Dataset {dataset!r} has no rows; nothing to train on.")
+    return ds
+
+
+def _load_local(path: Path, split: str) -> datasets.Dataset:
+    files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
+    suffixes = {_BUILDERS.get(p.suffix) for p in files}
+    if not files or None in suffixes or len(suffixes) > 1:
+        raise ValueError(
+            f"Cannot read {str(path)!r}: expected one file, or a folder of files of one type, "
+            f"with suffix {', '.join(_BUILDERS)}; found {[p.name for p in files][:5] or 'none'}."
+        )
+    builder = suffixes.pop()
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    except datasets.exceptions.DatasetGenerationError as exc:
+        raise ValueError(f"Could not parse {str(path)!r} as {builder}: {exc.__cause__}") from exc
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffle, then sort by length within mega-batches of ``50 * batch_size`` examples.
+
+    The same idea as transformers' ``group_by_length``: batches hold examples of similar length,
+    so less compute is spent on padding, while the order stays random across mega-batches.
+    Deterministic for a given ``seed`` and epoch (Lightning calls :meth:`set_epoch`).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0) -> None:
+        self.lengths = lengths
+        self.megabatch = 50 * batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        chunks = [order[i : i + self.megabatch] for i in range(0, len(order), self.megabatch)]
+        for chunk in chunks:
+            yield from sorted(chunk, key=lambda i: -self.lengths[i])
+
+
+def collate(
+    batch: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded label positions are ignored **by position**, never by id.
+
+    Phi-3's pad id equals its EOS id, so masking ``labels == pad_id`` would also drop every real
+    EOS and the model would never learn to stop (huggingface/trl#1623).
+    """
+    longest = max(len(ex["input_ids"]) for ex in batch)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(ex["input_ids"])
+        labels[row, :n] = torch.as_tensor(ex["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class CatsDataModule(L.LightningDataModule):
+    """Loads, validates, tokenizes (cached) and batches a fine-tuning dataset.
+
+    Args:
+        dataset: Hub dataset id, local file/folder (json, jsonl, csv, parquet, txt), or
+            ``"lit-cats/cat-memes"`` for the dataset shipped with lit-cats.
+        tokenizer_name_or_path: Model whose tokenizer to use; linked from
+            ``model.model_name_or_path`` by the CLI, so it is said once.
+        format: ``"auto"`` (from the columns), ``"text"``, ``"messages"`` or
+            ``"prompt_response"``.
+        text_column: Column of plain text (the original's shape).
+        messages_column: Column of chats (lists of ``{"role", "content"}``).
+        prompt_column: Prompt column, used with ``response_column``.
+        response_column: Response column, used with ``prompt_column``.
+        train_on_prompt: Also compute the loss on system/user turns of chats.
+        max_seq_length: Longer examples are truncated (and counted in the log).
+        batch_size: Examples per device per step.
+        val_size: Fraction of the rows held out for validation (0 disables validation).
+        seed: Seed of the train/validation split and of the batch order.
+        group_by_length: Batch examples of similar length together (less padding).
+        pad_to_multiple_of: Round each batch's width up to this (8 suits tensor cores).
+        num_workers: DataLoader worker processes.
+        trust_remote_code: Let the tokenizer run code from its Hub repo. Off: Phi-3 needs none.
+    """
+
+    def __init__(
+        self,
+        dataset: str = SHIPPED_DATASET_ID,
+        tokenizer_name_or_path: str = "microsoft/Phi-3-mini-4k-instruct",
+        format: Format = "auto",
+        text_column: str = "text",
+        messages_column: str = "messages",
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        train_on_prompt: bool = False,
+        max_seq_length: int = 512,
+        batch_size: int = 2,
+        val_size: float = 0.05,
+        seed: int = 42,
+        group_by_length: bool = True,
+        pad_to_multiple_of: int = 1,
+        num_workers: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if not 0.0 <= val_size < 1.0:
+            raise ValueError(f"val_size is a fraction in [0, 1), got {val_size}.")
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+
+    def setup(self, stage: str) -> None:
+        """Load and tokenize once per process; ``datasets`` caches the tokenized rows on disk."""
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.trust_remote_code)
+        raw = load_raw_dataset(hp.dataset)
+        tokenized = self._tokenize(raw)
+        self._report_truncation(tokenized)
+        if hp.val_size > 0 and len(tokenized) >= 2:
+            split = tokenized.train_test_split(test_size=hp.val_size, seed=hp.seed)
+            self.train_dataset, self.val_dataset = split["train"], split["test"]
+        else:
+            self.train_dataset, self.val_dataset = tokenized, None
+
+    def _tokenize(self, raw: datasets.Dataset) -> datasets.Dataset:
+        hp = self.hparams
+        fmt = detect_format(
+            raw.column_names,
+            hp.format,
+            hp.text_column,
+            hp.messages_column,
+            hp.prompt_column,
+            hp.response_column,
+        )
+        columns = {
+            "text": [hp.text_column],
+            "messages": [hp.messages_column],
+            "prompt_response": [hp.prompt_column, hp.response_column],
+        }[fmt]
+        for column in columns:
+            validate_column(raw[column], column, fmt)
+        tok, max_len, on_prompt = self.tokenizer, hp.max_seq_length, hp.train_on_prompt
+
+        def encode(row: dict[str, Any]) -> dict[str, Any]:
+            if fmt == "text":
+                return tokenize_text(tok, row[hp.text_column], max_len)
+            if fmt == "messages":
+                return tokenize_chat(tok, row[hp.messages_column], max_len, on_prompt)
+            chat = prompt_response_to_messages(row[hp.prompt_column], row[hp.response_column])
+            return tokenize_chat(tok, chat, max_len, on_prompt)
+
+        return raw.map(
+            encode,
+            remove_columns=raw.column_names,
+            new_fingerprint=self._fingerprint(raw, fmt),
+            desc="Tokenizing",
+        )
+
+    def _fingerprint(self, raw: datasets.Dataset, fmt: str) -> str:
+        """Cache key of the tokenized dataset: the raw data, the tokenizer and every setting."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else str(self.tokenizer.get_vocab())
+        parts = [raw._fingerprint, fmt, vocab, str(self.tokenizer.chat_template), "v1"]
+        parts += [str(self.hparams[k]) for k in sorted(self.hparams)]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
+
+    def _report_truncation(self, tokenized: datasets.Dataset) -> None:
+        max_len = self.hparams.max_seq_length
+        truncated = sum(n > max_len for n in tokenized["num_tokens"])
+        if truncated:
+            rank_zero_info(
+                f"{truncated} of {len(tokenized)} examples are longer than max_seq_length="
+                f"{max_len} and were truncated (their end, and end-of-sequence, are not learned)."
+            )
+
+    def _loader(self, ds: datasets.Dataset, train: bool) -> DataLoader:
+        ds = ds.with_format(columns=["input_ids", "labels"])
+        sampler = None
+        if train and self.hparams.group_by_length:
+            lengths = [len(x) for x in ds["input_ids"]]
+            sampler = LengthGroupedSampler(lengths, self.hparams.batch_size, self.hparams.seed)
+        return DataLoader(
+            ds,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            shuffle=train and sampler is None,
+            collate_fn=self.collate,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a list of tokenized examples into tensors (see :func:`collate`)."""
+        return collate(batch, self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_dataset, train=False) if self.val_dataset else []
+
+    def describe_example(self, index: int = 0) -> str:
+        """One training example decoded, with the trained-on part marked, for the start report."""
+        ex = self.train_dataset[index]
+        ids, labels = ex["input_ids"], ex["labels"]
+        masked = [i for i, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX]
+        trained = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+        return (
+            f"  input ({len(ids)} tokens): {self.tokenizer.decode(ids)!r}\n"
+            f"  masked from the loss ({len(masked)} tokens): "
+            f"{self.tokenizer.decode(masked)!r}\n"
+            f"  trained on ({len(trained)} tokens): {self.tokenizer.decode(trained)!r}"
+        )

@@ -1,0 +1,282 @@
+"""The LightningModule: a 4-bit base model with trainable LoRA adapters (QLoRA)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torchmetrics import MeanMetric
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.loading import hub_errors, load_tokenizer, resolve_pretrained
+from lit_cats.quant import (
+    build_bnb_config,
+    build_lora_config,
+    parse_dtype,
+    require_bitsandbytes,
+    resolve_target_modules,
+)
+from lit_cats.schedules import WarmupLR
+
+
+def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The original's ``paged_adamw_32bit`` at lr 2e-4 without weight decay (HF's defaults)."""
+    import bitsandbytes as bnb  # imported lazily: only needed when this optimizer is used
+
+    return bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0)
+
+
+def default_scheduler(optimizer: torch.optim.Optimizer, num_training_steps: int) -> WarmupLR:
+    """The original's constant learning rate after a 3% linear warm-up."""
+    return WarmupLR(optimizer, num_training_steps, warmup_ratio=0.03, schedule="constant")
+
+
+class QLoRAModule(L.LightningModule):
+    """QLoRA fine-tuning of a causal LM: frozen NF4 base, trainable LoRA adapters.
+
+    The model is built in :meth:`configure_model`, once, on the device the Trainer chose.
+    Checkpoints hold only the adapter weights (plus optimizer and loop state), never the base.
+
+    Args:
+        model_name_or_path: Hub id, local folder, or ``"lit-cats/tiny-phi3"`` (offline tiny).
+        load_in_4bit: Quantize the base with bitsandbytes (QLoRA). False trains LoRA on a
+            ``bnb_4bit_compute_dtype`` base.
+        bnb_4bit_quant_type: ``"nf4"`` or ``"fp4"``.
+        bnb_4bit_use_double_quant: Quantize the quantization scales too.
+        bnb_4bit_compute_dtype: dtype of the dequantized weights in matmuls.
+        r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / r``).
+        lora_dropout: Dropout on the LoRA input.
+        target_modules: Linear layer names to adapt, or ``"all-linear"``. Every name must exist.
+        gradient_checkpointing: Recompute activations in backward (non-reentrant) to save memory.
+        attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``, ...).
+        trust_remote_code: Run modelling code from the Hub repo. Off: transformers has Phi-3.
+        optimizer: Optimizer factory over the trainable parameters (default: paged AdamW 32-bit).
+        scheduler: LR scheduler factory; given ``num_training_steps`` when it accepts it.
+        output_dir: Extra folder to save the final adapter to (it always goes to the run folder).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "microsoft/Phi-3-mini-4k-instruct",
+        load_in_4bit: bool = True,
+        bnb_4bit_quant_type: str = "nf4",
+        bnb_4bit_use_double_quant: bool = True,
+        bnb_4bit_compute_dtype: str = "bfloat16",
+        r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        target_modules: str | list[str] = "all-linear",
+        gradient_checkpointing: bool = True,
+        attn_implementation: str | None = "sdpa",
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = default_scheduler,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        parse_dtype(bnb_4bit_compute_dtype)  # validate now, not minutes later in configure_model
+        build_lora_config(["_"], r, lora_alpha, lora_dropout)  # same: fail at construction
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.model: PeftModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.lora_targets: list[str] = []
+        self.val_loss = MeanMetric()
+        # Checkpoints hold only trainable tensors; loading them must not demand the base's.
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        """Load the (4-bit) base on this process's device, prepare it, and add LoRA. Idempotent."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        base = self._load_base()
+        # from_pretrained returns eval mode and Lightning does not flip it; in eval mode
+        # transformers skips gradient checkpointing (Lightning-AI/pytorch-lightning#20105).
+        base.train()
+        ckpt_kwargs = {"use_reentrant": False}  # reentrant can leave LoRA untrained (peft#1142)
+        if hp.load_in_4bit:
+            base = prepare_model_for_kbit_training(
+                base,
+                use_gradient_checkpointing=hp.gradient_checkpointing,
+                gradient_checkpointing_kwargs=ckpt_kwargs,
+            )
+        elif hp.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+            base.enable_input_require_grads()
+        self.lora_targets = resolve_target_modules(base, hp.target_modules)
+        lora = build_lora_config(self.lora_targets, hp.r, hp.lora_alpha, hp.lora_dropout)
+        self.model = get_peft_model(base, lora)
+        self.model.train()
+
+    def _load_base(self) -> torch.nn.Module:
+        hp = self.hparams
+        path = resolve_pretrained(hp.model_name_or_path)
+        kwargs: dict[str, Any] = {
+            "dtype": parse_dtype(hp.bnb_4bit_compute_dtype),
+            "trust_remote_code": hp.trust_remote_code,
+            "attn_implementation": hp.attn_implementation,
+        }
+        if hp.load_in_4bit:
+            require_bitsandbytes()
+            kwargs["quantization_config"] = build_bnb_config(
+                hp.bnb_4bit_quant_type, hp.bnb_4bit_use_double_quant, hp.bnb_4bit_compute_dtype
+            )
+            # Each process loads its own copy on its own device: device_map="auto" would shard
+            # one copy over every GPU and silently turn data parallelism off (trl#921).
+            kwargs["device_map"] = {"": self._target_device()}
+        hint = "pass a local folder saved with save_pretrained as --model.model_name_or_path"
+        with hub_errors("model", hp.model_name_or_path, hint):
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+    def _target_device(self) -> torch.device:
+        trainer = self._trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer, loaded on first use."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(
+                self.hparams.model_name_or_path, self.hparams.trust_remote_code
+            )
+        return self.tokenizer
+
+    # ----------------------------------------------------------------------------- steps
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.model(**batch).loss
+        # Weight by label tokens so the epoch value is the mean per-token loss, not per-batch.
+        self.val_loss.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # reduced across ranks by torchmetrics
+        self.val_loss.reset()
+        self.log("val_loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val_ppl", torch.exp(loss), sync_dist=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:  # pre-clipping norm, as HF's Trainer logs it; stays on device (no host sync)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.log("grad_norm", norm, on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------------------------- optim
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        try:  # warm-up/decay schedules need the run length; plain torch schedulers do not
+            scheduler = self.scheduler_factory(optimizer, num_training_steps=steps)
+        except TypeError as exc:
+            if "num_training_steps" not in str(exc):
+                raise
+            scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Only the trainable (LoRA) tensors: the frozen 4-bit base is never checkpointed.
+
+        A full state dict would be ~2.8 GB for Phi-3 and could not be loaded back anyway
+        (bitsandbytes#1946). The base is rebuilt from ``model_name_or_path`` instead.
+        """
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose tensors are not exactly this model's adapters."""
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        found = set(checkpoint["state_dict"])
+        if expected and found != expected:
+            missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
+            raise ValueError(
+                "The checkpoint's adapter tensors do not match this model's (missing e.g. "
+                f"{missing}, unexpected e.g. {extra}). Resume with the same model, r and "
+                "target_modules as the run that wrote it, or start a new run without ckpt_path."
+            )
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Save the adapter in PEFT format with the tokenizer (``PeftModel.from_pretrained``)."""
+        path = Path(path)
+        self.model.save_pretrained(path)
+        self.get_tokenizer().save_pretrained(path)
+        return path
+
+    # ----------------------------------------------------------------------------- reporting
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            rank_zero_info(self._start_report())
+
+    def on_train_end(self) -> None:
+        """Save the final adapter into the run folder (and ``output_dir``), on rank zero."""
+        if not self.trainer.is_global_zero:
+            return
+        folders = [Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"]
+        if self.hparams.output_dir:
+            folders.append(Path(self.hparams.output_dir))
+        for folder in folders:
+            rank_zero_info(f"Saved the LoRA adapter to {self.save_adapter(folder)}")
+
+    def _start_report(self) -> str:
+        trainable, total = self.model.get_nb_trainable_parameters()
+        counts = Counter(
+            name.rsplit(".", 1)[-1]
+            for name, module in self.model.named_modules()
+            if hasattr(module, "lora_A") and name.rsplit(".", 1)[-1] in self.lora_targets
+        )
+        tok = self.get_tokenizer()
+        gen_eos = self.model.generation_config.eos_token_id
+        hp = self.hparams
+        quant = f"4-bit {hp.bnb_4bit_quant_type}" if hp.load_in_4bit else "not quantized"
+        lines = [
+            "lit-cats run",
+            f"  model: {hp.model_name_or_path} ({quant})",
+            f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
+            f"  LoRA modules: {dict(sorted(counts.items()))}",
+            f"  pad id {tok.pad_token_id} ({tok.pad_token!r}), eos id {tok.eos_token_id} "
+            f"({tok.eos_token!r}), generation stops on {gen_eos}",
+            f"  effective batch size: {self._effective_batch_size()}",
+        ]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "describe_example"):
+            lines += ["  first training example:", datamodule.describe_example(0)]
+        return "\n".join(lines)
+
+    def _effective_batch_size(self) -> str:
+        trainer = self.trainer
+        per_device = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("batch_size")
+        if per_device is None:
+            return "unknown (no datamodule batch_size)"
+        factors = {
+            "per device": per_device,
+            "devices": trainer.num_devices,
+            "nodes": trainer.num_nodes,
+            "accumulation": trainer.accumulate_grad_batches,
+        }
+        total = math.prod(factors.values())
+        return f"{total} = " + " x ".join(f"{v} {k}" for k, v in factors.items())
