@@ -59,7 +59,10 @@ def load_raw_dataset(dataset: str, split: str = "train") -> datasets.Dataset:
         with hub_errors("dataset", dataset, hint):
             ds = datasets.load_dataset(dataset, split=split)
     if len(ds) == 0:
-        raise ValueError(f"Dataset {dataset!r} has no rows; nothing to train on.")
+        raise ValueError(
+            f"Dataset {dataset!r} has no rows; nothing to train on. Check the file (or the "
+            "split) holds examples."
+        )
     return ds
 
 
@@ -72,24 +75,32 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
             f"with suffix {', '.join(_BUILDERS)}; found {[p.name for p in files][:5] or 'none'}."
         )
     builder = suffixes.pop()
+    if all(p.stat().st_size == 0 for p in files):
+        return datasets.Dataset.from_dict({})  # reported as empty by the caller
     try:
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
     except datasets.exceptions.DatasetGenerationError as exc:
         raise ValueError(f"Could not parse {str(path)!r} as {builder}: {exc.__cause__}") from exc
+    except ValueError as exc:
+        if "corresponds to no data" not in str(exc):
+            raise
+        return datasets.Dataset.from_dict({})  # an empty file: reported as empty by the caller
 
 
 class LengthGroupedSampler(Sampler[int]):
-    """Shuffle, then sort by length within mega-batches of ``50 * batch_size`` examples.
+    """A seeded shuffle that, optionally, sorts by length within mega-batches of 50 batches.
 
-    The same idea as transformers' ``group_by_length``: batches hold examples of similar length,
-    so less compute is spent on padding, while the order stays random across mega-batches.
-    Deterministic for a given ``seed`` and epoch (Lightning calls :meth:`set_epoch`).
+    With ``group=True`` it is transformers' ``group_by_length``: batches hold examples of similar
+    length, so less compute goes to padding, while the order stays random across mega-batches.
+    The order depends only on ``seed`` and the epoch (Lightning calls :meth:`set_epoch`), so a
+    resumed run sees the same order as the interrupted one.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: bool = True):
         self.lengths = lengths
         self.megabatch = 50 * batch_size
         self.seed = seed
+        self.group = group
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -101,9 +112,41 @@ class LengthGroupedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=gen).tolist()
-        chunks = [order[i : i + self.megabatch] for i in range(0, len(order), self.megabatch)]
-        for chunk in chunks:
-            yield from sorted(chunk, key=lambda i: -self.lengths[i])
+        if not self.group:
+            yield from order
+            return
+        for i in range(0, len(order), self.megabatch):
+            yield from sorted(order[i : i + self.megabatch], key=lambda j: -self.lengths[j])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints mid-epoch, so a resumed run skips what it saw.
+
+    Lightning stores ``state_dict()`` in each checkpoint and calls ``load_state_dict`` on
+    resume; the next pass then skips the batches already served in that epoch instead of
+    training on the epoch's first batches twice and never on its last ones.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self._skip = self._skip, 0
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator)
+        self._served = skip
+        for batch in iterator:
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["batches_served"]
 
 
 def collate(
@@ -250,18 +293,18 @@ class CatsDataModule(L.LightningDataModule):
             )
 
     def _loader(self, ds: datasets.Dataset, train: bool) -> DataLoader:
+        hp = self.hparams
         ds = ds.with_format(columns=["input_ids", "labels"])
         sampler = None
-        if train and self.hparams.group_by_length:
+        if train:
             lengths = [len(x) for x in ds["input_ids"]]
-            sampler = LengthGroupedSampler(lengths, self.hparams.batch_size, self.hparams.seed)
-        return DataLoader(
+            sampler = LengthGroupedSampler(lengths, hp.batch_size, hp.seed, hp.group_by_length)
+        return ResumableDataLoader(
             ds,
-            batch_size=self.hparams.batch_size,
+            batch_size=hp.batch_size,
             sampler=sampler,
-            shuffle=train and sampler is None,
             collate_fn=self.collate,
-            num_workers=self.hparams.num_workers,
+            num_workers=hp.num_workers,
         )
 
     def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

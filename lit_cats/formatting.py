@@ -144,8 +144,9 @@ def tokenize_chat(
     """Render a chat with the template, tokenize it, and label the assistant turns.
 
     The template already holds the special tokens, so they are not added again (a second BOS
-    would be a sequence the model never saw). Tokens are labelled when they start inside an
-    assistant span, found through the fast tokenizer's offset mapping.
+    would be a sequence the model never saw). Tokens are labelled when they lie wholly inside an
+    assistant span, found through the fast tokenizer's offset mapping (a span may end inside the
+    next turn's first special token, where the renderings first differ by a character).
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -155,8 +156,8 @@ def tokenize_chat(
     else:
         spans = assistant_char_spans(tokenizer, messages, text)
         labels = [
-            tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-            for tok, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+            tok if any(s <= start and end <= e for s, e in spans) else IGNORE_INDEX
+            for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
         ]
     return {
         "input_ids": ids[:max_seq_length],

@@ -21,6 +21,7 @@ from lit_cats.loading import hub_errors, load_tokenizer, resolve_pretrained
 from lit_cats.quant import (
     build_bnb_config,
     build_lora_config,
+    keep_cpu_4bit_weights_trainable,
     parse_dtype,
     require_bitsandbytes,
     resolve_target_modules,
@@ -103,6 +104,7 @@ class QLoRAModule(L.LightningModule):
             return
         hp = self.hparams
         base = self._load_base()
+        keep_cpu_4bit_weights_trainable(base)
         # from_pretrained returns eval mode and Lightning does not flip it; in eval mode
         # transformers skips gradient checkpointing (Lightning-AI/pytorch-lightning#20105).
         base.train()

@@ -97,6 +97,23 @@ def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]
     return list(target_modules)
 
 
+def keep_cpu_4bit_weights_trainable(model: nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.48-0.50) repacks a ``Linear4bit`` weight in place
+    the first time the layer runs in eval mode without grad (Lightning's sanity check or any
+    validation), and from then on multiplies with ``gemv_4bit``, which has no autograd kernel:
+    training after a validation pass silently drops the gradient through every frozen 4-bit
+    matmul (torch warns "an autograd kernel was not registered"). GPUs are unaffected.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def build_lora_config(
     target_modules: Sequence[str], r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05
 ) -> LoraConfig:

@@ -30,9 +30,6 @@ from lit_cats.assets import SHIPPED_DATASET, read_jsonl
 #: Reserved model name that resolves to the locally built tiny model (never a Hub lookup).
 TINY_MODEL_ID = "lit-cats/tiny-phi3"
 
-#: Bump when the builder changes, so stale caches are not reused.
-_BUILDER_VERSION = "1"
-
 #: Phi-3-mini-4k-instruct's chat template (transformers' copy of the Hub tokenizer_config).
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -108,7 +105,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Phi3ForCausalLM:
-    """A randomly initialised 2-layer Phi-3 whose special token ids match ``tokenizer``.
+    """A randomly initialised 2-layer, 128-wide Phi-3 whose special token ids match ``tokenizer``.
 
     The embedding has more rows than the tokenizer has tokens (rounded up to a multiple of 64),
     as in Phi-3 (32064 rows for 32011 tokens): code that resizes embeddings breaks on both.
@@ -116,8 +113,8 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Phi3F
     vocab = -(-len(tokenizer) // 64) * 64
     config = Phi3Config(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=384,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -131,6 +128,9 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Phi3F
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         hidden_act="silu",
+        # Wider than Phi-3's 0.02: at width 128 that would give near-uniform logits, which
+        # adapters on a frozen random head can hardly move, and the demo would show no learning.
+        initializer_range=0.1,
     )
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config).to(torch.bfloat16)
@@ -143,15 +143,17 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Phi3F
 
 
 def _fingerprint() -> str:
-    data = hashlib.sha256(SHIPPED_DATASET.read_bytes()).hexdigest()
-    return hashlib.sha256(f"{_BUILDER_VERSION}:{data}".encode()).hexdigest()[:12]
+    """Hash of this builder's source and of its corpus: any change to either rebuilds."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(SHIPPED_DATASET.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
     """Build the tiny model and tokenizer once and return the folder holding both.
 
-    Deterministic (fixed seeds, fixed corpus) and cached under a fingerprint of the builder
-    version and the dataset, so every process (and every DDP rank) gets the same files. The
+    Deterministic (fixed seeds, fixed corpus) and cached under a fingerprint of the builder's
+    source and the dataset, so every process (and every DDP rank) gets the same files. The
     build writes to a temporary folder and renames it, under a file lock, so concurrent
     callers never see a half-written model.
 
@@ -171,7 +173,7 @@ def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
             tokenizer = build_tiny_tokenizer()
             tokenizer.save_pretrained(tmp)
             build_tiny_model(tokenizer).save_pretrained(tmp)
-            (tmp / "lit_cats.json").write_text(json.dumps({"builder": _BUILDER_VERSION}))
+            (tmp / "lit_cats.json").write_text(json.dumps({"fingerprint": target.name}))
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""Formatting, label masking, batching and the data module's errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_cats.assets import SHIPPED_DATASET, read_jsonl
+from lit_cats.data import CatsDataModule, LengthGroupedSampler, collate, load_raw_dataset
+from lit_cats.formatting import IGNORE_INDEX, tokenize_chat, tokenize_text
+from lit_cats.tiny import TINY_MODEL_ID
+
+CHAT = [
+    {"role": "system", "content": "You are a cat."},
+    {"role": "user", "content": "Why?"},
+    {"role": "assistant", "content": "Because the void."},
+    {"role": "user", "content": "And the red dot?"},
+    {"role": "assistant", "content": "Futile."},
+]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _trained_text(tokenizer, out: dict) -> str:
+    return tokenizer.decode(
+        [t for t, lab in zip(out["input_ids"], out["labels"], strict=True) if lab != -100]
+    )
+
+
+def test_shipped_dataset_is_chat_shaped_and_large_enough():
+    rows = read_jsonl(SHIPPED_DATASET)
+    assert len(rows) >= 300
+    assert len({r["messages"][-1]["content"] for r in rows}) == len(rows)
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+
+
+def test_text_gets_eos_and_every_token_is_a_label(tokenizer):
+    out = tokenize_text(tokenizer, "I can haz meaning?", 512)
+    assert out["input_ids"][-1] == tokenizer.eos_token_id
+    assert out["labels"] == out["input_ids"]
+
+
+def test_chat_masks_system_and_user_turns_and_keeps_end_markers(tokenizer):
+    out = tokenize_chat(tokenizer, CHAT, 512)
+    trained = _trained_text(tokenizer, out)
+    assert trained == "Because the void.<|end|>\nFutile.<|end|>\n<|endoftext|>"
+    assert out["labels"][-1] == tokenizer.eos_token_id
+    # No BOS is added on top of the template, and the template holds no second one.
+    assert out["input_ids"].count(tokenizer.bos_token_id) == 0
+
+
+def test_train_on_prompt_labels_everything(tokenizer):
+    out = tokenize_chat(tokenizer, CHAT, 512, train_on_prompt=True)
+    assert out["labels"] == out["input_ids"]
+
+
+def test_truncation_keeps_the_head_and_reports_the_full_length(tokenizer):
+    out = tokenize_chat(tokenizer, CHAT, 8)
+    assert len(out["input_ids"]) == len(out["labels"]) == 8
+    assert out["num_tokens"] > 8
+
+
+def test_collate_masks_padding_by_position_and_keeps_eos(tokenizer):
+    # Phi-3's pad id is its EOS id: a mask by id would also erase the final EOS label.
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    short = tokenize_text(tokenizer, "Nap.", 512)
+    long = tokenize_text(tokenizer, "The red dot is futile, and so is the laser.", 512)
+    batch = collate([short, long], tokenizer.pad_token_id)
+    n = len(short["input_ids"])
+    assert batch["labels"][0, n - 1] == tokenizer.eos_token_id
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][0, n:] == tokenizer.pad_token_id).all()
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (batch["labels"].shape[1] - n)
+    assert batch["labels"][1, -1] == tokenizer.eos_token_id
+
+
+def test_collate_pads_to_a_multiple(tokenizer):
+    batch = collate([tokenize_text(tokenizer, "Nap.", 512)], tokenizer.pad_token_id, 8)
+    assert batch["input_ids"].shape[1] % 8 == 0
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_grouped_by_length():
+    lengths = [
+        int(x) for x in torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))
+    ]
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=1)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))
+    assert order == list(LengthGroupedSampler(lengths, batch_size=4, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    first = [lengths[i] for i in order[:200]]  # one mega-batch: sorted, longest first
+    assert first == sorted(first, reverse=True)
+
+
+def _setup(dataset: str, **kwargs) -> CatsDataModule:
+    dm = CatsDataModule(dataset=dataset, tokenizer_name_or_path=TINY_MODEL_ID, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_datamodule_splits_and_batches_the_shipped_dataset(tiny_path):
+    dm = _setup("lit-cats/cat-memes", batch_size=4, val_size=0.1)
+    assert len(dm.train_dataset) + len(dm.val_dataset) == len(read_jsonl(SHIPPED_DATASET))
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert batch["input_ids"].shape[0] == 4
+    # Same seed, same split.
+    again = _setup("lit-cats/cat-memes", batch_size=4, val_size=0.1)
+    assert again.val_dataset["input_ids"] == dm.val_dataset["input_ids"]
+
+
+def test_text_csv_and_prompt_response_files_load(tiny_path, tmp_path):
+    (tmp_path / "t.csv").write_text('text\n"I can haz void"\n"Teh box iz all"\n')
+    dm = _setup(str(tmp_path / "t.csv"), val_size=0.0)
+    assert dm.val_dataset is None and len(dm.train_dataset) == 2
+    rows = [{"prompt": "Why?", "response": "Void."}, {"prompt": "Food?", "response": "Nom."}]
+    dm = _setup(_write_jsonl(tmp_path / "pr.jsonl", rows), val_size=0.0)
+    ex = dm.train_dataset[0]
+    trained = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100]
+    assert dm.tokenizer.decode(trained).endswith("<|end|>\n<|endoftext|>")
+    assert len(trained) < len(ex["input_ids"])
+
+
+def test_custom_text_column(tiny_path, tmp_path):
+    path = _write_jsonl(tmp_path / "q.jsonl", [{"quote": "Meow."}, {"quote": "Void."}])
+    dm = _setup(path, text_column="quote", val_size=0.0)
+    assert len(dm.train_dataset) == 2
+
+
+def test_missing_path_names_the_fix(tiny_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*lit-cats/cat-memes"):
+        _setup("./no/such/file.jsonl")
+
+
+def test_missing_column_lists_existing_columns(tiny_path, tmp_path):
+    path = _write_jsonl(tmp_path / "x.jsonl", [{"body": "a"}, {"body": "b"}])
+    with pytest.raises(ValueError, match=r"columns are \['body'\].*--data.text_column"):
+        _setup(path)
+
+
+@pytest.mark.parametrize(("name", "content"), [("empty.csv", "text\n"), ("empty.jsonl", "")])
+def test_empty_dataset_is_refused(tiny_path, tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match="has no rows"):
+        load_raw_dataset(str(tmp_path / name))
+
+
+def test_non_string_values_are_named(tiny_path, tmp_path):
+    path = _write_jsonl(tmp_path / "n.jsonl", [{"text": "ok"}, {"text": 7}])
+    with pytest.raises(ValueError, match="row 1 holds int"):
+        _setup(path)
+
+
+def test_malformed_chat_is_named(tiny_path, tmp_path):
+    rows = [{"messages": [{"role": "cat", "content": "meow"}]}]
+    with pytest.raises(ValueError, match="row 0 is not a chat"):
+        _setup(_write_jsonl(tmp_path / "c.jsonl", rows))
+
+
+def test_unreachable_hub_says_how_to_use_a_local_file(tiny_path):
+    # conftest sets HF_HUB_OFFLINE=1: the Hub is unreachable, as on an air-gapped machine.
+    with pytest.raises(RuntimeError, match="Could not load dataset.*local file"):
+        load_raw_dataset("leonvanbokhorst/existential-cat-memes-v1")
+
+
+def test_tokenization_is_cached(tiny_path):
+    dm = _setup("lit-cats/cat-memes")
+    fingerprint = dm.train_dataset._fingerprint
+    again = _setup("lit-cats/cat-memes")
+    assert again.train_dataset._fingerprint == fingerprint
+    assert again.train_dataset.cache_files  # read back from the on-disk cache
