@@ -11,7 +11,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_cats.callbacks import HubPushCallback
 from lit_cats.data import CatsDataModule
+from lit_cats.hub import push_run
 from lit_cats.model import QLoRAModule
 from lit_cats.tiny import tiny_model_path
 
@@ -22,6 +24,9 @@ class CatsCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        # Top-level sections rather than entries of trainer.callbacks, so a stacked config can
+        # change one key (`hub.dry_run_dir`) without restating the whole callback list.
+        parser.add_lightning_class_args(HubPushCallback, "hub")
 
     def before_fit(self) -> None:
         """Resolve ``ckpt_path: last`` to the newest ``last.ckpt`` of this experiment.
@@ -63,7 +68,7 @@ def build_tiny(cache_dir: str | None = None) -> None:
 
 def _helper_commands() -> dict[str, Callable[..., None]]:
     """Commands that are not Trainer entry points, each a typed function."""
-    return {"tiny": build_tiny}
+    return {"tiny": build_tiny, "push": push_run}
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -83,6 +88,7 @@ def main(args: Sequence[str] | None = None) -> None:
         args=None if args is None else argv,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the module's injected optimizer/scheduler decide
         trainer_defaults={
             "precision": "bf16-mixed",
             "logger": lazy_instance(

@@ -236,9 +236,11 @@ class QLoRAModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Save the final adapter into the run folder (and ``output_dir``), on rank zero."""
+        # log_dir is a broadcast: every rank must read it, or rank zero waits forever.
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
-        folders = [Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"]
+        folders = [run_dir / "adapter"]
         if self.hparams.output_dir:
             folders.append(Path(self.hparams.output_dir))
         for folder in folders:

@@ -120,3 +120,27 @@ def test_unknown_lora_target_from_the_cli_lists_real_modules(run_dir):
 def test_tiny_command_prints_the_model_folder(capsys):
     main(["tiny"])
     assert capsys.readouterr().out.strip() == str(tiny_model_path())
+
+
+def test_tiny_default_rehearses_the_hub_push_offline(run_dir):
+    main(tiny_fit_args("--trainer.max_steps", "3"))
+    pushed = run_dir / "logs" / "tiny-cats" / "hub-dry-run"
+    adapter = run_dir / "logs" / "tiny-cats" / "version_0" / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
+        assert (pushed / name).read_bytes() == (adapter / name).read_bytes()
+    assert "base_model:" in (pushed / "README.md").read_text()
+
+
+def test_hub_push_can_be_switched_off(run_dir):
+    main(tiny_fit_args("--trainer.max_steps", "2", "--hub.enabled", "false"))
+    assert not (run_dir / "logs" / "tiny-cats" / "hub-dry-run").exists()
+    assert (run_dir / "logs" / "tiny-cats" / "version_0" / "adapter").is_dir()
+
+
+def test_push_command_pushes_an_existing_run(run_dir):
+    main(tiny_fit_args("--trainer.max_steps", "2", "--hub.enabled", "false"))
+    run = run_dir / "logs" / "tiny-cats" / "version_0"
+    main(["push", str(run), "--repo_id", "cat/void", "--dry_run_dir", "out"])
+    assert (run_dir / "out" / "adapter_model.safetensors").read_bytes() == (
+        run / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()

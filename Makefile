@@ -1,0 +1,35 @@
+# lit-cats developer entry points. `make demo` and `make test` set everything up on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+# Any torch >= 2.4 works. The pin keeps set-up reproducible (and on machines with a local
+# CPU wheel of this version, small); override with e.g. `make demo TORCH=torch==2.9.1`.
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: demo test lint format bench-cpu clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+## demo: QLoRA fine-tune of the tiny offline Phi-3 on the shipped cat memes (CPU, ~1 minute)
+demo: $(VENV)/.installed
+	$(BIN)/lit-cats fit --config configs/qlora.yaml --config configs/tiny.yaml
+
+## test: the CPU test suite (offline, a few minutes)
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check lit_cats tests benchmarks
+	$(BIN)/ruff format --check lit_cats tests benchmarks
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format lit_cats tests benchmarks
+	$(BIN)/ruff check --fix lit_cats tests benchmarks
+
+clean:
+	rm -rf $(VENV) logs/*/

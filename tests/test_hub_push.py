@@ -1,0 +1,380 @@
+"""HubPushCallback and ``push_run`` against a real-HTTP fake Hub (tests/hub_server.py).
+
+Runs go through LightningCLI with a stand-in module whose ``save_adapter`` writes real files in
+PEFT layout, so the callback sees what it sees with ``QLoRAModule``: a ``config.yaml`` from
+SaveConfigCallback, ModelCheckpoint files, TensorBoard logs and ``<log_dir>/adapter``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from hub_server import FakeHub
+from huggingface_hub import constants
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from safetensors.torch import load, save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_cats.callbacks import HubPushCallback
+from lit_cats.hub import push_run
+
+TOKEN = "hf_litcatsTESTtoken0123456789"  # distinctive, so a leak is found by a byte search
+BASE = "microsoft/Phi-3-mini-4k-instruct"
+DATASET = "leonvanbokhorst/existential-cat-memes-v1"
+REPO = "cat-lover/cats-run"  # FakeHub's user + the TensorBoard experiment name
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+
+
+class AdapterModule(L.LightningModule):
+    """Stands in for QLoRAModule: a linear "adapter" saved in PEFT layout with a tokenizer."""
+
+    def __init__(self, model_name_or_path: str = BASE, load_in_4bit: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.lora = nn.Linear(8, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = F.mse_loss(self.lora(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        loss = F.mse_loss(self.lora(batch[0]), batch[1])
+        self.log_dict({"val_loss": loss, "val_ppl": loss.exp()})
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def save_adapter(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = {"lora_A.weight": self.lora.weight.detach().clone(), "pad": torch.ones(4096)}
+        save_file(weights, path / "adapter_model.safetensors")
+        config = {"peft_type": "LORA", "base_model_name_or_path": BASE, "r": 8}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+        (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        return path
+
+    def on_train_end(self) -> None:
+        log_dir = self.trainer.log_dir  # every rank asks: it is a broadcast
+        if self.trainer.is_global_zero:
+            self.save_adapter(Path(log_dir) / "adapter")
+
+
+class RandomData(L.LightningDataModule):
+    """32 random regression pairs, batches of 4."""
+
+    def __init__(self, dataset: str = DATASET) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        generator = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(32, 8, generator=generator), torch.randn(32, 1))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=4)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+def fit(tmp_path: Path, max_steps: int = 5, **hub_args: Any) -> tuple[Path, L.Trainer]:
+    """Fit through LightningCLI with the hub callback; checkpoints every 2 steps."""
+    callback_args = {"max_retries": 2, "retry_backoff_s": 0.01, "timeout_s": 30, **hub_args}
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": max_steps,
+            "val_check_interval": 4,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs"), "name": "cats-run"},
+            },
+            "callbacks": [
+                {"class_path": "lit_cats.callbacks.HubPushCallback", "init_args": callback_args},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True},
+                },
+            ],
+        },
+    }
+    config_path = tmp_path / f"fit-{len(list(tmp_path.glob('fit-*.yaml')))}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(AdapterModule, RandomData, args=["fit", "--config", str(config_path)])
+    assert cli.trainer.state.finished
+    return Path(cli.trainer.log_dir), cli.trainer
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """What a final push must upload, read from the run folder."""
+    adapter = run_dir / "adapter"
+    files = {p.relative_to(adapter).as_posix(): p.read_bytes() for p in adapter.rglob("*")}
+    return {**files, "config.yaml": (run_dir / "config.yaml").read_bytes()}
+
+
+def assert_no_token(*roots: Path, texts: tuple[str, ...] = ()) -> None:
+    leaks = [
+        p
+        for root in roots
+        for p in root.rglob("*")
+        if p.is_file() and TOKEN.encode() in p.read_bytes()
+    ]
+    assert not leaks, f"token written to {leaks}"
+    assert not any(TOKEN in text for text in texts)
+
+
+@pytest.fixture
+def point_hub(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Returns a function aiming huggingface_hub at an endpoint, with the test token."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    # conftest sets HF_HUB_OFFLINE and constants are read at import: patch the module values.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # With hf_xet installed large files go to Xet storage; the fake Hub speaks LFS instead.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+    def point(url: str) -> None:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setattr(constants, "ENDPOINT", url)  # what HfApi() reads
+
+    return point
+
+
+@pytest.fixture
+def hub(point_hub: Callable[[str], None]) -> Iterator[FakeHub]:
+    with FakeHub(token=TOKEN) as server:
+        point_hub(server.url)
+        yield server
+        assert not server.unexpected, "the client called endpoints the fake Hub does not serve"
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once closed
+
+
+def test_end_strategy_pushes_byte_identical_adapter_config_and_card(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    run_dir, _ = fit(tmp_path, strategy="end", private=True)
+
+    assert [(c.repo_id, c.revision, c.message) for c in hub.commits] == [
+        (REPO, "main", "End of training")
+    ]
+    assert hub.repos[REPO].private
+    received = hub.files(REPO)
+    assert received == {**run_files(run_dir), "README.md": (run_dir / "README.md").read_bytes()}
+    assert "adapter_model.safetensors" in hub.lfs_paths  # went through LFS batch + PUT
+    assert "config.yaml" not in hub.lfs_paths
+
+    card = received["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["base_model"] == BASE
+    assert metadata["datasets"] == [DATASET]
+    assert metadata["library_name"] == "peft"
+    assert {"lora", "qlora", f"base_model:adapter:{BASE}"} <= set(metadata["tags"])
+    assert "| val_loss |" in card and "| train_loss |" in card
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{REPO}"' in card
+    assert "lora_alpha" not in card and "model_name_or_path: " + BASE in card
+    assert_no_token(tmp_path)
+
+
+def test_every_save_commits_the_adapter_at_each_checkpoint(hub: FakeHub, tmp_path: Path) -> None:
+    run_dir, _ = fit(tmp_path, strategy="every_save")
+
+    assert [c.message for c in hub.commits] == [
+        "Training in progress, step 2",
+        "Training in progress, step 4",
+        "End of training",
+    ]
+    adapters = [c.files["adapter_model.safetensors"] for c in hub.commits]
+    assert len(set(adapters)) == 3  # each commit carries the weights of its own step
+    assert all(not path.startswith("last-checkpoint/") for c in hub.commits for path in c.files)
+    assert all(
+        {"adapter_config.json", "README.md", "config.yaml"} <= set(c.files) for c in hub.commits
+    )
+    assert hub.files(REPO)["adapter_model.safetensors"] == adapters[-1]
+    assert adapters[-1] == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert b"at step 2" in hub.commits[0].files["README.md"]
+    assert not (run_dir / ".hub-staging").exists()  # per-checkpoint exports are cleaned up
+
+
+def test_checkpoint_strategy_keeps_a_resumable_last_checkpoint_on_a_branch(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    # max_steps=6: the last save (step 6) happens after the last step, so the final commit
+    # carries it; the step 2 and 4 saves get their own commits.
+    run_dir, _ = fit(tmp_path, max_steps=6, strategy="checkpoint", revision="experiments")
+
+    assert {c.revision for c in hub.commits} == {"experiments"}
+    assert hub.files(REPO, "main") == {}
+    assert [c.message for c in hub.commits] == [
+        "Training in progress, step 2",
+        "Training in progress, step 4",
+        "End of training",
+    ]
+    assert all("last-checkpoint/last.ckpt" in c.files for c in hub.commits)
+    received = hub.files(REPO, "experiments")
+    local_checkpoint = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    assert received["last-checkpoint/last.ckpt"] == local_checkpoint
+    assert received["last-checkpoint/config.yaml"] == (run_dir / "config.yaml").read_bytes()
+    final_adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert received["last-checkpoint/adapter_model.safetensors"] == final_adapter
+    assert "## Resume training" in received["README.md"].decode()
+
+    # Resume from what the Hub holds: training goes on from step 6, not from scratch.
+    downloaded = tmp_path / "from-hub.ckpt"
+    downloaded.write_bytes(received["last-checkpoint/last.ckpt"])
+    assert torch.load(downloaded, weights_only=False)["global_step"] == 6
+    trainer = L.Trainer(
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path / "resumed",  # where on_train_end writes the adapter
+    )
+    trainer.fit(AdapterModule(), RandomData(), ckpt_path=downloaded)
+    assert trainer.global_step == 8
+
+
+@pytest.mark.parametrize("failure", ["server answers 500", "nothing listening"])
+def test_failed_push_leaves_a_finished_run_and_the_retry_command(
+    point_hub: Callable[[str], None],
+    tmp_path: Path,
+    failure: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with FakeHub(token=TOKEN, always_fail=True) as server:
+        point_hub(server.url if failure == "server answers 500" else closed_port_url())
+        with pytest.warns(UserWarning, match="push of the final adapter failed") as warned:
+            run_dir, trainer = fit(tmp_path, strategy="checkpoint", repo_id="cat-lover/saved")
+
+    assert trainer.state.finished and trainer.global_step == 5
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    messages = [str(w.message) for w in warned]
+    final = next(m for m in messages if "final adapter" in m)
+    assert f"lit-cats push {run_dir} --repo_id cat-lover/saved" in final
+    assert str(run_dir / "adapter") in final
+    if failure == "server answers 500":  # each of the 3 pushes tried 1 + max_retries times
+        assert server.requests.count(("POST", "/api/repos/create")) == 3 * 3
+        assert not server.commits
+    assert "retry 2/2" in caplog.text  # retried with backoff before giving up
+    assert_no_token(tmp_path, texts=(*messages, caplog.text))
+
+
+def test_transient_errors_are_retried_until_the_push_succeeds(
+    point_hub: Callable[[str], None], tmp_path: Path
+) -> None:
+    with FakeHub(token=TOKEN, fail_first=2) as server:
+        point_hub(server.url)
+        fit(tmp_path, strategy="end")
+    assert server.requests[:3] == [("GET", "/api/whoami-v2")] * 3
+    assert [c.message for c in server.commits] == ["End of training"]
+
+
+def test_rejected_token_fails_fast_without_retries(
+    point_hub: Callable[[str], None], tmp_path: Path
+) -> None:
+    with FakeHub(token="hf_another_token") as server:
+        point_hub(server.url)
+        with pytest.warns(UserWarning, match="lit-cats push"):
+            fit(tmp_path, strategy="end", repo_id="cat-lover/saved")
+    assert server.requests.count(("POST", "/api/repos/create")) == 1  # a 401 is not retried
+    assert not server.unexpected
+
+
+def test_dry_run_writes_exactly_what_would_be_uploaded(
+    point_hub: Callable[[str], None], tmp_path: Path
+) -> None:
+    point_hub(closed_port_url())  # any network use would fail the push
+    dry = tmp_path / "dry"
+    run_dir, _ = fit(tmp_path, strategy="checkpoint", repo_id=REPO, dry_run_dir=str(dry))
+
+    written = {p.relative_to(dry).as_posix(): p.read_bytes() for p in dry.rglob("*") if p.is_file()}
+    root = {k: v for k, v in written.items() if not k.startswith("last-checkpoint/")}
+    assert root == {**run_files(run_dir), "README.md": (run_dir / "README.md").read_bytes()}
+    checkpoint = {
+        k.removeprefix("last-checkpoint/"): v for k, v in written.items() if k not in root
+    }
+    assert set(checkpoint) == set(run_files(run_dir)) | {"last.ckpt"}
+    assert checkpoint["last.ckpt"] == (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    assert checkpoint["config.yaml"] == (run_dir / "config.yaml").read_bytes()
+    # The folder's adapter is the one of its checkpoint (step 4), not the final one (step 5).
+    state = torch.load(io.BytesIO(checkpoint["last.ckpt"]), weights_only=False)["state_dict"]
+    adapter = load(checkpoint["adapter_model.safetensors"])
+    assert torch.equal(adapter["lora_A.weight"], state["lora.weight"])
+    assert_no_token(tmp_path)
+
+
+def test_push_run_pushes_an_existing_run_folder_later(
+    point_hub: Callable[[str], None], tmp_path: Path
+) -> None:
+    point_hub(closed_port_url())
+    with pytest.warns(UserWarning, match="lit-cats push"):
+        run_dir, _ = fit(tmp_path, strategy="end", repo_id="cat-lover/later")
+
+    with FakeHub(token=TOKEN) as server:
+        point_hub(server.url)
+        push_run(str(run_dir), repo_id="cat-lover/later", private=True)
+
+    assert [c.message for c in server.commits] == [f"Upload adapter from {run_dir}"]
+    received = server.files("cat-lover/later")
+    assert received == {**run_files(run_dir), "README.md": (run_dir / "README.md").read_bytes()}
+    card = received["README.md"].decode()
+    assert "| val_loss |" in card and "hp_metric" not in card  # read back from TensorBoard
+    assert server.repos["cat-lover/later"].private
+    with pytest.raises(FileNotFoundError, match="No adapter"):
+        push_run(str(tmp_path))
+
+
+def test_push_run_dry_run_needs_no_network(
+    point_hub: Callable[[str], None], tmp_path: Path
+) -> None:
+    point_hub(closed_port_url())
+    run_dir, _ = fit(tmp_path, strategy="end", dry_run_dir=str(tmp_path / "first"))
+    push_run(str(run_dir / "adapter"), dry_run_dir=str(tmp_path / "later"))
+    later = tmp_path / "later"
+    assert (later / "adapter_model.safetensors").read_bytes() == (
+        run_dir / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert "<your-username>/cats-run" in (later / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strategy": "sometimes"}, "'end', 'every_save', 'checkpoint'"),
+        ({"repo_id": "no-owner"}, "owner/name"),
+        ({"timeout_s": 0}, "timeout_s"),
+    ],
+)
+def test_invalid_arguments_are_rejected_at_construction(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        HubPushCallback(**kwargs)
+
+
+def test_only_rank_zero_pushes(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Play a non-zero rank of a multi-GPU run: the callback must stay off the network and disk.
+    monkeypatch.setattr(SingleDeviceStrategy, "is_global_zero", property(lambda self: False))
+    run_dir, _ = fit(tmp_path, strategy="checkpoint")
+    assert hub.requests == []
+    assert not (run_dir / ".hub-staging").exists() and not (run_dir / "README.md").exists()
