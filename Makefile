@@ -5,6 +5,7 @@ VENV   ?= .venv
 # CPU wheel of this version, small); override with e.g. `make demo TORCH=torch==2.9.1`.
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
+SRC    := lit_cats tests $(wildcard benchmarks)
 
 .PHONY: demo test lint format bench-cpu clean
 
@@ -24,12 +25,12 @@ test: $(VENV)/.installed
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check lit_cats tests benchmarks
-	$(BIN)/ruff format --check lit_cats tests benchmarks
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
 
 format: $(VENV)/.installed
-	$(BIN)/ruff format lit_cats tests benchmarks
-	$(BIN)/ruff check --fix lit_cats tests benchmarks
+	$(BIN)/ruff format $(SRC)
+	$(BIN)/ruff check --fix $(SRC)
 
 clean:
 	rm -rf $(VENV) logs/*/
