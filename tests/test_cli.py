@@ -144,3 +144,12 @@ def test_push_command_pushes_an_existing_run(run_dir):
     assert (run_dir / "out" / "adapter_model.safetensors").read_bytes() == (
         run / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
+
+
+def test_output_dir_gets_a_copy_of_the_adapter(run_dir):
+    main(tiny_fit_args("--trainer.max_steps", "2", "--model.output_dir", "final-adapter"))
+    run_adapter = run_dir / "logs" / "tiny-cats" / "version_0" / "adapter"
+    copy = run_dir / "final-adapter"
+    assert (copy / "adapter_model.safetensors").read_bytes() == (
+        run_adapter / "adapter_model.safetensors"
+    ).read_bytes()

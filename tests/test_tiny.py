@@ -1,0 +1,54 @@
+"""The offline tiny model mirrors what matters of Phi-3, deterministically."""
+
+from __future__ import annotations
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_cats.tiny import (
+    PHI3_ADDED_TOKENS,
+    PHI3_STOP_TOKENS,
+    build_tiny_tokenizer,
+    resolve_model_path,
+    tiny_model_path,
+)
+
+
+def test_tokenizer_carries_phi3_special_tokens_in_phi3_order(tiny_path):
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    ids = tok.convert_tokens_to_ids(list(PHI3_ADDED_TOKENS))
+    assert ids == list(range(ids[0], ids[0] + len(PHI3_ADDED_TOKENS)))  # contiguous, in order
+    assert tok.eos_token == tok.pad_token == "<|endoftext|>"
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|user|>\nhi<|end|>\n<|assistant|>\n"
+
+
+def test_model_matches_phi3_layout_and_stop_tokens(tiny_path):
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    assert model.config.model_type == "phi3"
+    assert model.config.vocab_size > len(tok)  # more embedding rows than tokens, as Phi-3
+    assert model.config.vocab_size % 64 == 0
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids(list(PHI3_STOP_TOKENS))
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    assert {"qkv_proj", "gate_up_proj", "o_proj", "down_proj"} <= names
+    assert not {"q_proj", "gate_proj"} & names
+
+
+def test_build_is_deterministic_and_cached(tmp_path, tiny_path):
+    assert build_tiny_tokenizer().backend_tokenizer.to_str() == (
+        build_tiny_tokenizer().backend_tokenizer.to_str()
+    )
+    other = tiny_model_path(tmp_path)
+    assert other != tiny_path
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (other / name).read_bytes() == (tiny_path / name).read_bytes()
+    assert tiny_model_path(tmp_path) == other  # second call: cache hit, same folder
+
+
+def test_reserved_name_resolves_and_others_pass_through(tiny_path):
+    assert resolve_model_path("lit-cats/tiny-phi3") == str(tiny_path)
+    assert resolve_model_path("microsoft/Phi-3-mini-4k-instruct") == (
+        "microsoft/Phi-3-mini-4k-instruct"
+    )
