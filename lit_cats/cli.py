@@ -11,9 +11,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lit_cats.callbacks import HubPushCallback
+from lit_cats.callbacks import GenerationSamples, HubPushCallback, PredictionWriter
 from lit_cats.data import CatsDataModule
 from lit_cats.hub import push_run
+from lit_cats.merge import merge
 from lit_cats.model import QLoRAModule
 from lit_cats.tiny import tiny_model_path
 
@@ -27,6 +28,8 @@ class CatsCLI(LightningCLI):
         # Top-level sections rather than entries of trainer.callbacks, so a stacked config can
         # change one key (`hub.dry_run_dir`) without restating the whole callback list.
         parser.add_lightning_class_args(HubPushCallback, "hub")
+        parser.add_lightning_class_args(GenerationSamples, "samples")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
 
     def before_fit(self) -> None:
         """Resolve ``ckpt_path: last`` to the newest ``last.ckpt`` of this experiment.
@@ -68,7 +71,7 @@ def build_tiny(cache_dir: str | None = None) -> None:
 
 def _helper_commands() -> dict[str, Callable[..., None]]:
     """Commands that are not Trainer entry points, each a typed function."""
-    return {"tiny": build_tiny, "push": push_run}
+    return {"tiny": build_tiny, "push": push_run, "merge": merge}
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
 from lit_cats.assets import SHIPPED_DATASET, SHIPPED_DATASET_ID
+from lit_cats.distributed import data_parallel_size, shard_eval_sampler, shard_train_sampler
 from lit_cats.formatting import (
     IGNORE_INDEX,
     Format,
@@ -24,6 +25,8 @@ from lit_cats.formatting import (
     validate_column,
 )
 from lit_cats.loading import hub_errors, load_tokenizer, looks_like_path
+from lit_cats.packing import TokenBudgetBatchSampler, pack_examples
+from lit_cats.prompts import Prompt, load_prompts
 
 #: File suffix -> datasets builder name.
 _BUILDERS = {
@@ -93,7 +96,9 @@ class LengthGroupedSampler(Sampler[int]):
     With ``group=True`` it is transformers' ``group_by_length``: batches hold examples of similar
     length, so less compute goes to padding, while the order stays random across mega-batches.
     The order depends only on ``seed`` and the epoch (Lightning calls :meth:`set_epoch`), so a
-    resumed run sees the same order as the interrupted one.
+    resumed run sees the same order as the interrupted one. Under data parallelism
+    ``batch_size`` is the step's global batch (per device x ranks) and every rank builds the same
+    order, so N ranks train on the batches one process with N times the batch would.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: bool = True):
@@ -123,8 +128,10 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning checkpoints mid-epoch, so a resumed run skips what it saw.
 
     Lightning stores ``state_dict()`` in each checkpoint and calls ``load_state_dict`` on
-    resume; the next pass then skips the batches already served in that epoch instead of
-    training on the epoch's first batches twice and never on its last ones.
+    resume (so does :meth:`CatsDataModule.load_state_dict`, where Lightning does not); the next
+    pass then skips the batches already served in that epoch instead of training on the
+    epoch's first batches twice and never on its last ones. Under DDP every rank serves the
+    same number of batches, so rank zero's count is every rank's.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -134,6 +141,8 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         skip, self._skip = self._skip, 0
+        if skip >= len(self):  # the saved epoch was complete: this pass is a new epoch
+            skip = 0
         iterator = super().__iter__()
         for _ in range(skip):
             next(iterator)
@@ -193,6 +202,16 @@ class CatsDataModule(L.LightningDataModule):
         pad_to_multiple_of: Round each batch's width up to this (8 suits tensor cores).
         num_workers: DataLoader worker processes.
         trust_remote_code: Let the tokenizer run code from its Hub repo. Off: Phi-3 needs none.
+        packing: Train on padding-free packed rows (``lit_cats.packing``): each step takes whole
+            examples up to ``max_tokens_per_batch`` tokens instead of ``batch_size`` examples;
+            position ids restart per example and attention stays inside each example.
+            Validation batches stay padded.
+        max_tokens_per_batch: Token budget of one packed training step (with ``packing``).
+        pin_memory: Page-lock batches so the copy to the GPU does not stall the host.
+        prompts: Prompts ``predict`` answers: user messages or chats (``lit_cats.prompts``).
+        prompts_file: More prompts: a ``.txt`` file (one per line) or a ``.jsonl`` file of
+            ``{"prompt": ...}`` or ``{"messages": [...]}`` objects.
+        predict_batch_size: Prompts generated together by ``predict`` (left-padded).
     """
 
     def __init__(
@@ -213,21 +232,41 @@ class CatsDataModule(L.LightningDataModule):
         pad_to_multiple_of: int = 1,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        packing: bool = False,
+        max_tokens_per_batch: int = 16384,
+        pin_memory: bool = False,
+        prompts: list[Prompt] | None = None,
+        prompts_file: str | None = None,
+        predict_batch_size: int = 8,
     ) -> None:
         super().__init__()
+        if packing and max_tokens_per_batch < max_seq_length:
+            raise ValueError(
+                f"max_tokens_per_batch={max_tokens_per_batch} is smaller than max_seq_length="
+                f"{max_seq_length}: a packed step must hold the longest example."
+            )
         if max_seq_length < 2:
             raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if batch_size < 1 or predict_batch_size < 1:
+            raise ValueError(
+                f"batch_size and predict_batch_size must be at least 1, got {batch_size} and "
+                f"{predict_batch_size}."
+            )
         if not 0.0 <= val_size < 1.0:
             raise ValueError(f"val_size is a fraction in [0, 1), got {val_size}.")
         self.save_hyperparameters()
         self.tokenizer = None
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
+        self.predict_prompts: list[Prompt] = []
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_loader_state: dict[str, int] | None = None  # from a checkpoint, to apply
 
     def setup(self, stage: str) -> None:
         """Load and tokenize once per process; ``datasets`` caches the tokenized rows on disk."""
+        if stage == "predict":  # prompts only: the training data may not even be reachable
+            self.predict_prompts = load_prompts(self.hparams.prompts, self.hparams.prompts_file)
+            return
         if self.train_dataset is not None:
             return
         hp = self.hparams
@@ -295,24 +334,87 @@ class CatsDataModule(L.LightningDataModule):
     def _loader(self, ds: datasets.Dataset, train: bool) -> DataLoader:
         hp = self.hparams
         ds = ds.with_format(columns=["input_ids", "labels"])
-        sampler = None
+        if train and hp.packing:
+            return self._packed_loader(ds)
+        ranks = data_parallel_size(self.trainer)
+        sampler: Sampler[int] | None
         if train:
             lengths = [len(x) for x in ds["input_ids"]]
-            sampler = LengthGroupedSampler(lengths, hp.batch_size, hp.seed, hp.group_by_length)
+            # One global order, identical on every rank, grouped by the step's global batch;
+            # each rank then takes its round-robin share (see lit_cats/distributed.py).
+            sampler = LengthGroupedSampler(
+                lengths, hp.batch_size * ranks, hp.seed, hp.group_by_length
+            )
+            sampler = shard_train_sampler(sampler, self.trainer)
+        else:
+            sampler = shard_eval_sampler(ds, self.trainer)
         return ResumableDataLoader(
             ds,
             batch_size=hp.batch_size,
             sampler=sampler,
             collate_fn=self.collate,
             num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
+        )
+
+    def _packed_loader(self, ds: datasets.Dataset) -> DataLoader:
+        """Token-budget batches packed into one padding-free row (``lit_cats.packing``)."""
+        hp, trainer = self.hparams, self.trainer
+        ranks = data_parallel_size(trainer)
+        if ranks > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "data.packing shards its token-budget batches by rank itself; set "
+                "--trainer.use_distributed_sampler false so Lightning does not replace it."
+            )
+        sampler = TokenBudgetBatchSampler(
+            [len(x) for x in ds["input_ids"]],
+            hp.max_tokens_per_batch,
+            seed=hp.seed,
+            num_replicas=ranks,
+            rank=trainer.global_rank if ranks > 1 else 0,
+        )
+        return ResumableDataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=pack_examples,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory,
         )
 
     def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of tokenized examples into tensors (see :func:`collate`)."""
         return collate(batch, self.tokenizer.pad_token_id, self.hparams.pad_to_multiple_of)
 
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of prompts, as given (the model tokenizes them with its chat template)."""
+        return DataLoader(
+            self.predict_prompts, batch_size=self.hparams.predict_batch_size, collate_fn=list
+        )
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True)
+        loader = self._loader(self.train_dataset, train=True)
+        if self._train_loader_state is not None:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: how far the training loader got in its epoch."""
+        if self._train_loader is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume, make the next training loader skip the batches the run already saw.
+
+        Lightning restores a stateful loader only if it builds the loader after the restore.
+        It builds it before whenever ``configure_optimizers`` asks for
+        ``trainer.estimated_stepping_batches`` with ``max_epochs`` set (our schedulers do), and
+        then silently restarts the epoch (Lightning-AI/pytorch-lightning#20550). This hook
+        runs before that, so the loader starts out in the right place.
+        """
+        self._train_loader_state = state_dict.get("train_loader")
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, train=False) if self.val_dataset else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,15 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from lit_cats.distributed import average_tokens_across_ranks, label_token_count
 from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.generation import GenerationSettings, generate
+from lit_cats.inference import LATEST, apply_adapter, resolve_adapter
 from lit_cats.loading import hub_errors, load_tokenizer, resolve_pretrained
+from lit_cats.lora_fast import enable_fast_lora
+from lit_cats.losses import chunked_causal_lm_loss
+from lit_cats.packing import is_packed, register_varlen_attention
+from lit_cats.prompts import Prompt
 from lit_cats.quant import (
     build_bnb_config,
     build_lora_config,
@@ -64,6 +72,19 @@ class QLoRAModule(L.LightningModule):
         optimizer: Optimizer factory over the trainable parameters (default: paged AdamW 32-bit).
         scheduler: LR scheduler factory; given ``num_training_steps`` when it accepts it.
         output_dir: Extra folder to save the final adapter to (it always goes to the run folder).
+        loss_chunk_size: Compute the training loss ``lit_cats.losses`` way: the output
+            projection and cross-entropy over this many tokens at a time, so full-vocabulary
+            logits are never materialised. ``None``: transformers' loss on full logits.
+        fast_lora: Fused LoRA forward on the adapted layers (``lit_cats.lora_fast``): the
+            update is one ``addmm`` instead of peft's clone + matmuls + scale + add.
+        upcast_to_fp32: Keep ``prepare_model_for_kbit_training``'s fp32 copies of the norms,
+            embeddings and output head (the original recipe). False keeps them in
+            ``bnb_4bit_compute_dtype``: half the activation bytes of the residual stream.
+        adapter: Trained adapter to load instead of training a new one, for ``predict`` (and
+            ``validate``/``test``): ``"latest"`` (the newest ``adapter/`` of this experiment's
+            runs), an adapter or run folder, or a Hub id. ``None`` predicts with the base alone
+            (e.g. a merged model). Not allowed with ``fit``.
+        generation: How ``predict`` generates answers (``lit_cats.generation``).
     """
 
     def __init__(
@@ -83,8 +104,15 @@ class QLoRAModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = default_scheduler,
         output_dir: str | None = None,
+        loss_chunk_size: int | None = None,
+        fast_lora: bool = False,
+        upcast_to_fp32: bool = True,
+        adapter: str | None = None,
+        generation: GenerationSettings | None = None,
     ) -> None:
         super().__init__()
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be >= 1 or null, got {loss_chunk_size}.")
         parse_dtype(bnb_4bit_compute_dtype)  # validate now, not minutes later in configure_model
         build_lora_config(["_"], r, lora_alpha, lora_dropout)  # same: fail at construction
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -93,6 +121,13 @@ class QLoRAModule(L.LightningModule):
         self.model: PeftModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.lora_targets: list[str] = []
+        self.adapter_path: str | None = None  # the adapter predict loaded, resolved
+        # A dict when hparams come from a saved config (LightningCLI, checkpoints).
+        self.generation = (
+            GenerationSettings(**generation)
+            if isinstance(generation, dict)
+            else generation or GenerationSettings()
+        )
         self.val_loss = MeanMetric()
         # Checkpoints hold only trainable tensors; loading them must not demand the base's.
         self.strict_loading = False
@@ -102,6 +137,9 @@ class QLoRAModule(L.LightningModule):
         """Load the (4-bit) base on this process's device, prepare it, and add LoRA. Idempotent."""
         if self.model is not None:
             return
+        if self._loads_trained_adapter():
+            self.model = self._load_for_inference()
+            return
         hp = self.hparams
         base = self._load_base()
         keep_cpu_4bit_weights_trainable(base)
@@ -109,7 +147,7 @@ class QLoRAModule(L.LightningModule):
         # transformers skips gradient checkpointing (Lightning-AI/pytorch-lightning#20105).
         base.train()
         ckpt_kwargs = {"use_reentrant": False}  # reentrant can leave LoRA untrained (peft#1142)
-        if hp.load_in_4bit:
+        if hp.load_in_4bit and hp.upcast_to_fp32:
             base = prepare_model_for_kbit_training(
                 base,
                 use_gradient_checkpointing=hp.gradient_checkpointing,
@@ -122,6 +160,8 @@ class QLoRAModule(L.LightningModule):
         lora = build_lora_config(self.lora_targets, hp.r, hp.lora_alpha, hp.lora_dropout)
         self.model = get_peft_model(base, lora)
         self.model.train()
+        if hp.fast_lora:
+            enable_fast_lora(self.model)
 
     def _load_base(self) -> torch.nn.Module:
         hp = self.hparams
@@ -147,6 +187,41 @@ class QLoRAModule(L.LightningModule):
         trainer = self._trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
+    # ----------------------------------------------------------------------------- inference
+    def _loads_trained_adapter(self) -> bool:
+        """``predict`` (and ``validate``/``test`` given an adapter) loads; ``fit`` trains."""
+        stage = self._trainer.state.fn if self._trainer is not None else None
+        if stage == "fit" and self.hparams.adapter is not None:
+            raise ValueError(
+                f"model.adapter={self.hparams.adapter!r} is for predict/validate/test; fit trains "
+                "a new adapter. Drop --model.adapter (or the predict config), or resume a run "
+                "with --ckpt_path."
+            )
+        return stage == "predict" or self.hparams.adapter is not None
+
+    def _load_for_inference(self) -> torch.nn.Module:
+        """The base as trained (no fp32 upcasts, no checkpointing), with the adapter if any."""
+        hp = self.hparams
+        base = self._load_base().eval()
+        if hp.adapter is None:
+            rank_zero_info(f"Using {hp.model_name_or_path} without an adapter.")
+            return base
+        root = self._experiment_dir()
+        self.adapter_path = resolve_adapter(hp.adapter, root)
+        newest = f" (the newest under {root})" if hp.adapter == LATEST else ""
+        rank_zero_info(f"Using the adapter {self.adapter_path}{newest}")
+        model = apply_adapter(base, self.adapter_path, hp.bnb_4bit_compute_dtype)
+        if hp.fast_lora:
+            enable_fast_lora(model)
+        return model
+
+    def _experiment_dir(self) -> Path:
+        """Where this experiment's runs live (``logs/<name>``), searched for ``latest``."""
+        logger = self._trainer.logger if self._trainer is not None else None
+        if logger is None or logger.save_dir is None:
+            return Path("logs")
+        return Path(logger.save_dir) / (logger.name or "")
+
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer, loaded on first use."""
         if self.tokenizer is None:
@@ -160,9 +235,35 @@ class QLoRAModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss = self._training_loss(batch)
+        # Under DDP: weigh each rank by its label tokens, as one process on the whole batch would.
+        tokens = label_token_count(batch["labels"])
+        loss, step_loss = average_tokens_across_ranks(loss, tokens, self.trainer)
+        self.log("train_loss", step_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.hparams.loss_chunk_size is None:
+            return self.model(**batch).loss
+        causal_lm = self.model.get_base_model()  # LoRA layers stay in place inside it
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        head = causal_lm.get_output_embeddings().weight
+        return chunked_causal_lm_loss(hidden, head, batch["labels"], self.hparams.loss_chunk_size)
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Packed rows need the varlen attention for the whole step: forward, and the recompute
+        # of gradient checkpointing in backward. Other batches keep the configured backend.
+        if is_packed(batch):
+            config = self.model.get_base_model().config
+            self._attn_to_restore = config._attn_implementation
+            config._attn_implementation = register_varlen_attention()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        restore = getattr(self, "_attn_to_restore", None)
+        if restore is not None:
+            self.model.get_base_model().config._attn_implementation = restore
+            self._attn_to_restore = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self.model(**batch).loss
@@ -174,6 +275,15 @@ class QLoRAModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val_loss", loss, prog_bar=True, sync_dist=False)
         self.log("val_ppl", torch.exp(loss), sync_dist=False)
+
+    def predict_step(self, batch: list[Prompt], batch_idx: int) -> list[dict[str, Any]]:
+        """Answer a batch of prompts; records for ``lit_cats.callbacks.PredictionWriter``."""
+        settings = self.generation
+        if settings.seed is not None:  # each batch its own seed, all reproducible
+            settings = replace(settings, seed=settings.seed + batch_idx)
+        tokenizer = self.get_tokenizer()
+        results = generate(self.model, tokenizer, batch, settings, batch_size=len(batch))
+        return [asdict(result) for result in results]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]

@@ -1,6 +1,8 @@
 """Callbacks for lit-cats runs, one per file."""
 
 from lit_cats.callbacks.hub_push import HubPushCallback
+from lit_cats.callbacks.prediction_writer import PredictionWriter
+from lit_cats.callbacks.samples import GenerationSamples
 from lit_cats.callbacks.throughput import TokenThroughput
 
-__all__ = ["HubPushCallback", "TokenThroughput"]
+__all__ = ["GenerationSamples", "HubPushCallback", "PredictionWriter", "TokenThroughput"]

@@ -14,6 +14,8 @@ from lit_cats.formatting import IGNORE_INDEX
 class TokenThroughput(L.Callback):
     """Log ``train_tokens_per_s``: tokens that carry a label (no padding, no masked prompt).
 
+    Under data parallelism the count is summed over every rank: the job's throughput.
+
     Token counts accumulate on the device and are read back only every ``log_every_n_steps``
     optimizer steps, so the training step never waits for the host.
 
@@ -53,6 +55,8 @@ class TokenThroughput(L.Callback):
             return
         self._last_step = step
         elapsed = time.perf_counter() - self._start
-        tokens = self._tokens.item()  # the one sync per logging interval
+        # Every rank reaches this step together: sum their tokens, so the value is the whole
+        # job's throughput under DDP. The one host sync per logging interval.
+        tokens = trainer.strategy.reduce(self._tokens, reduce_op="sum").item()
         pl_module.log("train_tokens_per_s", tokens / max(elapsed, 1e-9), on_step=True)
         self._tokens, self._start = None, time.perf_counter()

@@ -1,0 +1,306 @@
+"""Generation speed: the original's one-prompt-at-a-time 4-bit loop vs ``lit-cats predict``.
+
+In one process on one GPU: build a random-weight Phi-3-mini locally (PERF.md's config; speed
+does not depend on the weights' values) and a random LoRA adapter (r 16 on all four linear
+kinds), then time the original's eight prompts x 250 new tokens three ways:
+
+1. ``original``: 4-bit base + peft adapter (fp32, as loaded by default), ``model.generate`` on
+   one prompt at a time, sampling at temperature 0.7 / top-p 0.9, as the original script did;
+2. ``batched_4bit``: lit-cats' ``load_for_inference`` + ``generate``: the eight prompts in one
+   left-padded batch, same base, same adapter, same sampling;
+3. ``merged_bf16``: ``lit-cats merge`` (adapter folded into the bf16 base, checked), then the
+   same batched ``generate`` on the merged model.
+
+Every answer is forced to its full length (``min_new_tokens`` = ``max_new_tokens``) so all arms
+generate the same number of tokens. Each arm is warmed up (a short generation) first; times are
+between device synchronisations. Prints a table and appends it, dated, with the GPU, versions
+and commit, to ``benchmarks/RESULTS.md``. The tokenizer is lit-cats' tiny one (Phi-3's special
+tokens and chat template), so no download is needed; prompts encode to a similar length.
+
+    python benchmarks/bench_generate.py                 # H100: ~3 minutes, most of it the loop
+    python benchmarks/bench_generate.py --fast-lora     # also batched 4-bit with fused LoRA
+    python benchmarks/bench_generate.py --tiny          # CPU smoke test: tiny model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import PeftModel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a source checkout without installing
+sys.path.insert(0, str(REPO / "benchmarks"))  # the shared random Phi-3-mini definition
+
+from bench_train import PHI3_MINI, TARGETS  # noqa: E402
+
+from lit_cats.generation import GenerationSettings, generate  # noqa: E402
+from lit_cats.inference import load_base, load_for_inference  # noqa: E402
+from lit_cats.merge import merge_adapter  # noqa: E402
+
+#: The issue's reference: the original loop, 8 x 250 tokens in 101 s on one H100.
+ORIGINAL_TOKENS_PER_S = 19.8
+
+
+def original_prompts() -> list[str]:
+    """The eight prompts of ``configs/predict.yaml``."""
+    config = yaml.safe_load((REPO / "configs" / "predict.yaml").read_text())
+    return list(config["data"]["prompts"])
+
+
+# ------------------------------------------------------------------------------ the models
+def build_models(folder: Path, device: str, tiny: bool) -> tuple[Path, Path]:
+    """Save a random Phi-3-mini (or the tiny model) and a random r-16 adapter; their folders."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from lit_cats.tiny import PHI3_STOP_TOKENS, tiny_model_path
+
+    tiny_dir = tiny_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    if tiny:
+        base_dir, model = tiny_dir, AutoModelForCausalLM.from_pretrained(tiny_dir)
+    else:
+        base_dir = folder / "base"
+        torch.manual_seed(0)
+        with torch.device(device), _default_dtype(torch.bfloat16):
+            model = Phi3ForCausalLM(Phi3Config(**PHI3_MINI))
+        # Stop ids of the tokenizer in use, as Phi-3's generation config lists its three.
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(
+            list(PHI3_STOP_TOKENS)
+        )
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
+    peft_model = get_peft_model(model, lora)
+    torch.manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # trained adapters are not zero; small, so nothing overflows
+            torch.nn.init.normal_(param, std=0.02)
+    adapter_dir = folder / "adapter"
+    peft_model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    del model, peft_model
+    _free()
+    return base_dir, adapter_dir
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------ the arms
+def original_loop(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> int:
+    """The original script: one prompt at a time through ``model.generate``; tokens made."""
+    made = 0
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        out = model.generate(
+            **inputs,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            temperature=0.7,
+            top_p=0.9,
+            do_sample=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        made += out.shape[1] - inputs["input_ids"].shape[1]
+    return made
+
+
+def lit_cats_batched(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> int:
+    """``lit-cats predict``'s path: every prompt in one left-padded batch; tokens made."""
+    settings = GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens, seed=0)
+    results = generate(model, tokenizer, prompts, settings, batch_size=len(prompts))
+    return sum(r.num_tokens for r in results)
+
+
+def time_arm(
+    name: str,
+    run: Callable[[Any, Any, list[str], int], int],
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    tokens: int,
+    device: str,
+) -> dict[str, Any]:
+    """Warm up (2 prompts, 4 tokens), then time the arm between two synchronisations."""
+    run(model, tokenizer, prompts[:2], 4)
+    _sync(device)
+    start = time.perf_counter()
+    made = run(model, tokenizer, prompts, tokens)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    row = {"arm": name, "prompts": len(prompts), "tokens": made, "seconds": seconds}
+    print(f"  {name}: {made} tokens in {seconds:.2f} s ({made / seconds:,.1f} tok/s)", flush=True)
+    return row
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    device = "cpu" if args.tiny else "cuda"
+    prompts, tokens = original_prompts(), args.max_new_tokens
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lit-cats-bench-") as tmp:
+        base_dir, adapter_dir = build_models(Path(tmp), device, args.tiny)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        base = str(base_dir)
+
+        # As the original: peft's defaults (adapter upcast to fp32), no lit-cats code.
+        model = PeftModel.from_pretrained(load_base(base, device=device), str(adapter_dir))
+        loop = prompts[: args.loop_prompts]
+        rows.append(time_arm("original", original_loop, model, tokenizer, loop, tokens, device))
+        del model
+        _free()
+
+        model = load_for_inference(base, str(adapter_dir), device=device)
+        rows.append(
+            time_arm("batched_4bit", lit_cats_batched, model, tokenizer, prompts, tokens, device)
+        )
+        if args.fast_lora:
+            from lit_cats.lora_fast import enable_fast_lora
+
+            enable_fast_lora(model)
+            rows.append(
+                time_arm(
+                    "batched_4bit_fast_lora",
+                    lit_cats_batched,
+                    model,
+                    tokenizer,
+                    prompts,
+                    tokens,
+                    device,
+                )
+            )
+        del model
+        _free()
+
+        report = merge_adapter(str(adapter_dir), str(Path(tmp) / "merged"), base, device=device)
+        print(f"  merge check: |loss diff| {report.loss_diff:.2e}", flush=True)
+        model = load_for_inference(str(report.output_dir), load_in_4bit=False, device=device)
+        rows.append(
+            time_arm("merged_bf16", lit_cats_batched, model, tokenizer, prompts, tokens, device)
+        )
+        del model
+        _free()
+    return rows
+
+
+# ------------------------------------------------------------------------------ the record
+def environment(device: str) -> dict[str, str]:
+    """GPU, library versions and commit for the record."""
+    import bitsandbytes
+    import peft
+    import transformers
+
+    def git(*cmd: str) -> str:
+        with contextlib.suppress(Exception):
+            return subprocess.run(
+                ["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        return "?"
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": gpu,
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}",
+        "commit": git("rev-parse", "--short", "HEAD") + (" (dirty tree)" if dirty else ""),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table; speed-ups against the ``original`` arm measured in the same run."""
+    base = rows[0]["tokens"] / rows[0]["seconds"]
+    lines = [
+        "| arm | prompts | tokens | seconds | generated tok/s | x original (same run) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = r["tokens"] / r["seconds"]
+        lines.append(
+            f"| {r['arm']} | {r['prompts']} | {r['tokens']} | {r['seconds']:.2f} | "
+            f"{rate:,.1f} | {rate / base:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def append_results(path: Path, env: dict[str, str], body: str, note: str) -> None:
+    """Append one dated section to RESULTS.md (created if missing)."""
+    if not path.exists():
+        path.write_text(
+            "# Benchmark results\n\nAppended by the benchmarks/ scripts; newest last.\n"
+        )
+    head = (
+        f"\n## bench_generate: {env['date']}\n\n- device: {env['device']}\n"
+        f"- versions: {env['versions']}\n- commit: {env['commit']}\n- {note}\n"
+    )
+    with path.open("a") as f:
+        f.write(head + "\n" + body + "\n")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="250 (tiny: 8)")
+    parser.add_argument("--loop-prompts", type=int, default=8, help="prompts the loop times")
+    parser.add_argument("--fast-lora", action="store_true", help="also time fused LoRA")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--note", default="", help="free text for the record")
+    args = parser.parse_args(argv)
+    args.max_new_tokens = args.max_new_tokens or (8 if args.tiny else 250)
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU; use --tiny for the CPU smoke test")
+    rows = run_all(args)
+    body = table(rows)
+    print(body)
+    note = (
+        f"8 prompts x {args.max_new_tokens} new tokens (forced), sampling T 0.7 / top-p 0.9; "
+        f"the original measured {ORIGINAL_TOKENS_PER_S} tok/s on one H100 (issue)"
+        + (f"; {args.note}" if args.note else "")
+    )
+    append_results(args.results, environment("cpu" if args.tiny else "cuda"), body, note)
+    print(f"appended to {args.results}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

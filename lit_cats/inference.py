@@ -1,0 +1,171 @@
+"""Loading a base model (4-bit or not) with a trained adapter for generation and merging.
+
+An adapter is named by a folder holding ``adapter_config.json``, a run folder holding
+``adapter/``, a Hub id, or ``"latest"``: the newest adapter a ``fit`` wrote under a logs folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lit_cats.loading import hub_errors, looks_like_path, resolve_pretrained
+from lit_cats.quant import build_bnb_config, parse_dtype, require_bitsandbytes
+
+#: The adapter name that means "the newest adapter a fit wrote".
+LATEST = "latest"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def find_latest_adapter(root: str | Path) -> Path:
+    """The most recently written ``adapter/`` folder under ``root`` (any run, any version).
+
+    Raises:
+        FileNotFoundError: If ``root`` holds no adapter, with what to do instead.
+    """
+    root = Path(root)
+    found = sorted(root.glob(f"**/adapter/{ADAPTER_CONFIG}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"adapter 'latest': no adapter folder under {str(root)!r}, so no finished fit to "
+            "load. Run `lit-cats fit` first (with the same logger settings), or pass an "
+            "adapter folder, run folder or Hub id as --model.adapter (null for the base alone)."
+        )
+    return found[-1].parent
+
+
+def resolve_adapter(adapter: str, search_root: str | Path = "logs") -> str:
+    """Turn an adapter reference into a folder path or a Hub id.
+
+    Args:
+        adapter: ``"latest"``, an adapter folder, a run folder holding ``adapter/``, or a Hub id.
+        search_root: Where ``"latest"`` looks (a logger's experiment folder, or ``logs``).
+
+    Raises:
+        FileNotFoundError: For ``"latest"`` with no adapter, or a path without an adapter.
+    """
+    if adapter == LATEST:
+        return str(find_latest_adapter(search_root))
+    path = Path(adapter).expanduser()
+    for candidate in (path, path / "adapter"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return str(candidate)
+    if path.exists() or looks_like_path(adapter):
+        raise FileNotFoundError(
+            f"Adapter {adapter!r}: {'no' if not path.exists() else 'no adapter_config.json in'} "
+            f"such folder. Pass a folder saved by `lit-cats fit` (logs/<name>/version_N/adapter, "
+            f"or the run folder above it), a Hub id, or {LATEST!r}."
+        )
+    return adapter  # a Hub id: peft downloads it (or finds it in the cache)
+
+
+def load_base(
+    name_or_path: str,
+    load_in_4bit: bool = True,
+    dtype: str = "bfloat16",
+    bnb_4bit_quant_type: str = "nf4",
+    bnb_4bit_use_double_quant: bool = True,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM for inference, in eval mode, on ``device``.
+
+    Unlike training, nothing is upcast to fp32 (``prepare_model_for_kbit_training`` is for
+    training only): norms, embeddings and the head stay in ``dtype``, the fast choice.
+
+    Args:
+        name_or_path: Hub id, local folder, or the reserved tiny model's name.
+        load_in_4bit: Quantize to NF4/FP4 with bitsandbytes; ``dtype`` is then the compute dtype.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        bnb_4bit_quant_type: ``"nf4"`` or ``"fp4"`` (4-bit only).
+        bnb_4bit_use_double_quant: Quantize the scales too (4-bit only).
+        device: Where the weights go.
+        attn_implementation: transformers attention backend.
+        trust_remote_code: Run modelling code from the Hub repo (off: Phi-3 needs none).
+    """
+    kwargs: dict = {
+        "dtype": parse_dtype(dtype),
+        "attn_implementation": attn_implementation,
+        "trust_remote_code": trust_remote_code,
+        "device_map": {"": str(device)},
+    }
+    if load_in_4bit:
+        require_bitsandbytes()
+        kwargs["quantization_config"] = build_bnb_config(
+            bnb_4bit_quant_type, bnb_4bit_use_double_quant, dtype
+        )
+    hint = "pass a local folder saved with save_pretrained"
+    with hub_errors("model", name_or_path, hint):
+        model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
+    return model.eval()
+
+
+def apply_adapter(base: PreTrainedModel, adapter: str, dtype: str | None = "bfloat16") -> PeftModel:
+    """Put a trained LoRA adapter on ``base`` for inference (not merged).
+
+    The adapter weights are cast to ``dtype``: training keeps them in fp32, which would make
+    every LoRA matmul cast its input and output at each generated token. ``None`` keeps the
+    saved dtype (merging computes the update in fp32 and rounds once).
+
+    Raises:
+        ValueError: If the adapter was trained on a model of another shape or architecture.
+    """
+    hint = "pass the adapter's local folder"
+    try:
+        with hub_errors("adapter", adapter, hint):
+            model = PeftModel.from_pretrained(base, adapter, autocast_adapter_dtype=False)
+    except (RuntimeError, ValueError) as exc:
+        if "size mismatch" not in str(exc) and "not found in the base model" not in str(exc):
+            raise
+        trained_on = adapter_base_model(adapter) or "another model"
+        raise ValueError(
+            f"Adapter {adapter!r} does not fit the base model {base.name_or_path!r}: it was "
+            f"trained on {trained_on!r}, a model of another shape "
+            f"({str(exc).strip().splitlines()[-1][:200]}). Load it on the base it was trained "
+            "on (--model.model_name_or_path)."
+        ) from exc
+    if dtype is not None:
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(parse_dtype(dtype))
+    return model.eval()
+
+
+def adapter_base_model(adapter: str) -> str | None:
+    """The base model an adapter folder says it was trained on (None if it does not say)."""
+    config = Path(adapter) / ADAPTER_CONFIG
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path") or None
+
+
+def load_for_inference(
+    base: str,
+    adapter: str | None = None,
+    load_in_4bit: bool = True,
+    dtype: str = "bfloat16",
+    device: str | torch.device = "cpu",
+    **base_kwargs: object,
+) -> PreTrainedModel | PeftModel:
+    """A base model (4-bit by default) with an optional adapter, ready for :func:`generate`.
+
+    Example::
+
+        model = load_for_inference("microsoft/Phi-3-mini-4k-instruct", "logs/phi3-cats/version_0")
+
+    Args:
+        base: The base model (Hub id or folder), or a merged model folder with ``adapter=None``.
+        adapter: An adapter reference (see :func:`resolve_adapter`), or None for the base alone.
+        load_in_4bit: Quantize the base to 4 bits (as the adapter was trained).
+        dtype: Compute dtype (and dtype of everything not quantized).
+        device: Where the model goes.
+        **base_kwargs: More arguments of :func:`load_base`.
+    """
+    resolved = resolve_adapter(adapter) if adapter is not None else None
+    model = load_base(base, load_in_4bit, dtype, device=device, **base_kwargs)  # type: ignore[arg-type]
+    return apply_adapter(model, resolved, dtype) if resolved is not None else model

@@ -1,0 +1,68 @@
+"""A leaner LoRA forward for peft's 4-bit (and plain) linear layers.
+
+peft's ``Linear4bit.forward`` clones the base output ("defensively", for old autograd bugs),
+computes ``lora_B(lora_A(dropout(x)))``, scales it, and adds it to the clone: three extra passes
+over a ``(tokens, out_features)`` tensor per layer, forward and backward. Here the LoRA update
+is one ``addmm``: ``result + scaling * (dropout(x) @ A.T) @ B.T`` with the scale and the
+accumulation folded into the GEMM's epilogue, and no clone (the 4-bit matmul's autograd node
+keeps its inputs, not its output, so the result needs no protection).
+
+Same function, same parameters, same dropout; only rounding differs (the update is added in the
+GEMM's fp32 accumulator instead of after a round to bf16). Layers in any other state (adapters
+disabled or merged, several active adapters, DoRA or other variants, per-call adapter names)
+take peft's own path.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+
+def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (
+        args
+        or kwargs
+        or name is None
+        or self.disable_adapters
+        or self.merged
+        or name not in self.lora_A
+        or name in getattr(self, "lora_variant", {})
+    ):
+        return self._lit_cats_peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    h = self.lora_dropout[name](x)
+    if not torch.is_autocast_enabled(x.device.type):  # peft computes LoRA in its weights' dtype
+        h = h.to(lora_a.dtype)
+    low_rank = torch.nn.functional.linear(h, lora_a)  # (..., r)
+    out_2d = result.reshape(-1, result.shape[-1])
+    low_rank = low_rank.reshape(-1, low_rank.shape[-1]).to(out_2d.dtype)
+    fused = torch.addmm(out_2d, low_rank, lora_b.t().to(out_2d.dtype), alpha=self.scaling[name])
+    return fused.view_as(result)
+
+
+def enable_fast_lora(model: nn.Module) -> int:
+    """Give every peft LoRA linear layer of ``model`` the fused forward; returns how many.
+
+    Idempotent. Layers keep their parameters and state dict; only ``forward`` changes.
+    """
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+            continue
+        if not isinstance(module, nn.Module) or not hasattr(module, "base_layer"):
+            continue
+        if not isinstance(module.base_layer, nn.Linear):  # bnb Linear4bit subclasses nn.Linear
+            continue
+        if not hasattr(module, "_lit_cats_peft_forward"):
+            module._lit_cats_peft_forward = module.forward
+            module.forward = types.MethodType(_fast_lora_forward, module)
+        count += 1
+    return count

@@ -1,0 +1,254 @@
+"""Padding-free packing: many short examples in one row, each attending only to itself.
+
+At batch 2 of ~150 tokens the GPU idles: every step pays the full NF4 dequantization of the base
+and thousands of kernel launches for a few hundred tokens. Packing concatenates the examples of a
+step into one row of up to ``max_tokens`` tokens, with no padding at all:
+
+- ``position_ids`` restart at 0 for every example, so rotary embeddings see each example exactly
+  as they would alone;
+- attention stays inside each example: variable-length FlashAttention over the cumulative
+  sequence lengths ``cu_seq_lens`` on CUDA (``torch.nn.attention.varlen``), one causal SDPA call
+  per example elsewhere (tests, CPU);
+- the first token of every example carries no label, so no example learns to predict the next
+  example's first token, and the mean loss equals the unpacked batch's loss over the same tokens.
+
+The attention function is registered with transformers as :data:`VARLEN_ATTENTION` and used only
+for packed training batches (:class:`~lit_cats.model.QLoRAModule` switches to it around each
+packed step, gradient checkpointing's recompute included); everything else keeps the configured
+backend. It needs no attention mask, so transformers builds none (no ``T x T`` mask, no host sync).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Sampler
+from transformers import AttentionInterface
+
+from lit_cats.formatting import IGNORE_INDEX
+
+#: Name under which the packed attention is registered in transformers' ``AttentionInterface``.
+VARLEN_ATTENTION = "lit_cats_varlen"
+
+#: Keys a packed batch carries besides ``input_ids``/``labels``/``position_ids``; transformers
+#: forwards them to the attention function (its ``FlashAttentionKwargs``).
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def pack_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate tokenized examples into one padding-free row.
+
+    Args:
+        batch: Examples with ``input_ids`` and ``labels`` lists of equal length.
+
+    Returns:
+        ``input_ids``, ``labels`` and ``position_ids`` of shape ``(1, total)``; int32
+        ``cu_seq_lens_q``/``cu_seq_lens_k`` of shape ``(n + 1,)`` (example boundaries) and the
+        longest example's length as ``max_length_q``/``max_length_k`` (Python ints, so the
+        attention kernel needs no host sync to learn them).
+    """
+    lengths = [len(ex["input_ids"]) for ex in batch]
+    ids = torch.cat([torch.as_tensor(ex["input_ids"], dtype=torch.long) for ex in batch])
+    labels = torch.cat([torch.as_tensor(ex["labels"], dtype=torch.long) for ex in batch])
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    # Example i's first token is predicted from example i-1's last one after the model's shift.
+    labels[starts] = IGNORE_INDEX
+    position_ids = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    longest = max(lengths)
+    return {
+        "input_ids": ids.unsqueeze(0),
+        "labels": labels.unsqueeze(0),
+        "position_ids": position_ids.unsqueeze(0),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu.clone(),
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def is_packed(batch: dict[str, Any]) -> bool:
+    """Whether ``batch`` came from :func:`pack_examples`."""
+    return "cu_seq_lens_q" in batch
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Batches of whole examples holding at most ``max_tokens`` tokens together.
+
+    A token budget per step instead of a fixed example count: every step does about the same
+    work whatever the lengths. The order is a seeded shuffle per epoch (Lightning calls
+    :meth:`set_epoch`), filled greedily, so a resumed run sees the same batches. Under data
+    parallelism each rank takes every ``num_replicas``-th batch (and all ranks the same count).
+
+    Args:
+        lengths: Token count of every example.
+        max_tokens: Token budget of one batch; must hold the longest example.
+        seed: Seed of the shuffle.
+        shuffle: Shuffle the examples (off: dataset order).
+        num_replicas: Data-parallel world size.
+        rank: This process's rank.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        longest = max(lengths, default=0)
+        if max_tokens < longest:
+            raise ValueError(
+                f"max_tokens_per_batch={max_tokens} cannot hold the longest example "
+                f"({longest} tokens); raise it to at least max_seq_length."
+            )
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas}).")
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        else:
+            order = list(range(len(self.lengths)))
+        batches, current, used = [], [], 0
+        for i in order:
+            if current and used + self.lengths[i] > self.max_tokens:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += self.lengths[i]
+        if current:
+            batches.append(current)
+        per_rank = len(batches) // self.num_replicas if self.num_replicas > 1 else len(batches)
+        return batches[self.rank :: self.num_replicas][:per_rank]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+
+# --------------------------------------------------------------------------------- attention
+def _flash_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal variable-length FlashAttention over ``(total, heads, dim)`` tensors (CUDA)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = {}
+    if "window_size" in params:  # torch >= 2.12 spells causality as a window
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError("This torch's varlen_attn has no scale argument; upgrade torch.")
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def _segmented_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The same computation as one causal SDPA call per example (reference and CPU path)."""
+    bounds = cu.tolist()
+    outs = []
+    for start, end in itertools.pairwise(bounds):
+        # (len, heads, dim) -> (1, heads, len, dim)
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        outs.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for packed rows (see the module docstring).
+
+    Args:
+        module: The attention module (unused; part of transformers' interface).
+        query: ``(1, heads, total, dim)``.
+        key: ``(1, kv_heads, total, dim)``.
+        value: ``(1, kv_heads, total, dim)``.
+        attention_mask: Must be None: packed rows are described by ``cu_seq_lens_q``.
+        dropout: Attention dropout; must be 0 (Phi-3 uses none).
+        scaling: Softmax scale (default ``dim ** -0.5``).
+        sliding_window: Phi-3's window; every packed example must fit inside it.
+        **kwargs: ``cu_seq_lens_q`` and ``max_length_q`` from :func:`pack_examples`.
+
+    Returns:
+        The attention output ``(1, total, heads, dim)`` and no weights.
+
+    Raises:
+        ValueError: Without packing information, with a mask, with dropout, or when an example
+            is longer than the sliding window.
+    """
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None or max_len is None or attention_mask is not None or query.shape[0] != 1:
+        raise ValueError(
+            f"The {VARLEN_ATTENTION!r} attention runs only on packed batches (one row, "
+            "cu_seq_lens_q/max_length_q given, no attention mask); use 'sdpa' otherwise."
+        )
+    if dropout:
+        raise ValueError(f"{VARLEN_ATTENTION!r} attention has no dropout; got {dropout}.")
+    if sliding_window is not None and max_len > sliding_window:
+        raise ValueError(
+            f"A packed example of {max_len} tokens exceeds the model's sliding window "
+            f"({sliding_window}); lower max_seq_length or train without packing."
+        )
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: repeat the key/value heads
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # (1, heads, total, dim) -> (total, heads, dim)
+    q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _flash_varlen(q, k, v, cu, int(max_len), scale)
+    else:
+        out = _segmented_sdpa(q, k, v, cu, scale)
+    return out.unsqueeze(0), None
+
+
+def register_varlen_attention() -> str:
+    """Register :func:`varlen_attention_forward` with transformers (idempotent); return its name.
+
+    Registered for attention only, not for mask creation: transformers then builds no mask at
+    all for it, which is what packed rows need.
+    """
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    return VARLEN_ATTENTION

@@ -1,0 +1,102 @@
+"""Prompts to generate from: inline lists, text files (one per line) and JSONL files.
+
+A prompt is either a user message (a string) or a whole chat (a list of ``{"role", "content"}``
+messages ending with a user turn), the shape a JSONL ``messages`` column holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+#: A user message, or a chat whose assistant answer is to be generated.
+Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007 (jsonargparse reads this alias)
+
+_ROLES = ("system", "user", "assistant")
+
+
+def load_prompts(prompts: Sequence[Prompt] | None = None, prompts_file: str | None = None) -> list:
+    """The inline prompts followed by those of ``prompts_file``, checked.
+
+    Args:
+        prompts: Prompts given in the config or on the command line.
+        prompts_file: A ``.txt`` file (one prompt per non-blank line) or a ``.jsonl`` file whose
+            objects hold ``"prompt"`` (a string) or ``"messages"`` (a chat).
+
+    Raises:
+        FileNotFoundError: If ``prompts_file`` does not exist.
+        ValueError: If a prompt is malformed or there are no prompts at all.
+    """
+    found: list[Prompt] = list(prompts or [])
+    if prompts_file:
+        found += read_prompts_file(prompts_file)
+    if not found:
+        raise ValueError(
+            "No prompts to generate from. Give some with --data.prompts '[\"...\"]' or "
+            "--data.prompts_file prompts.txt (one per line) or prompts.jsonl."
+        )
+    for i, prompt in enumerate(found):
+        check_prompt(prompt, f"prompt {i}")
+    return found
+
+
+def read_prompts_file(path: str | Path) -> list[Prompt]:
+    """Read a ``.txt`` (one prompt a line, blanks skipped) or ``.jsonl`` prompt file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Prompt file {str(path)!r} does not exist (or is not a file). Pass a .txt file with "
+            "one prompt per line or a .jsonl file of {'prompt': ...} or {'messages': [...]}."
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Cannot read prompt file {str(path)!r}: {exc}") from exc
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if path.suffix == ".jsonl":
+        return [_jsonl_prompt(line, f"{path}:{n}") for n, line in lines]
+    if path.suffix in (".txt", ""):
+        return [line.strip() for _, line in lines]
+    raise ValueError(f"Prompt file {str(path)!r} must end in .txt or .jsonl, not {path.suffix!r}.")
+
+
+def _jsonl_prompt(line: str, where: str) -> Prompt:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON ({exc.msg}): {line!r:.80}") from None
+    if isinstance(row, dict) and "messages" in row:
+        return row["messages"]
+    if isinstance(row, dict) and "prompt" in row:
+        return row["prompt"]
+    raise ValueError(f"{where} has neither a 'prompt' nor a 'messages' key: {line!r:.80}")
+
+
+def check_prompt(prompt: Prompt, where: str) -> None:
+    """Raise a ``ValueError`` naming ``where`` unless ``prompt`` is a usable prompt."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where} is empty; remove it or write a question.")
+        return
+    ok = (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)
+            for m in prompt
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"{where} must be a string or a non-empty list of {{'role': one of {_ROLES}, "
+            f"'content': str}} messages, got {prompt!r:.80}."
+        )
+    if prompt[-1]["role"] != "user":
+        raise ValueError(f"{where} must end with a user message, the one to answer.")
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The user's question of a prompt, for reports (the last user message of a chat)."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]

@@ -1,0 +1,303 @@
+"""Data-parallel training: sharding, the token-weighted loss, and 2-process DDP runs on the CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import CONFIGS, tiny_fit_args
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_cats import distributed
+from lit_cats.cli import main
+from lit_cats.data import CatsDataModule, LengthGroupedSampler
+from lit_cats.distributed import (
+    average_tokens_across_ranks,
+    data_parallel_size,
+    shard_eval_sampler,
+    shard_train_sampler,
+)
+from lit_cats.tiny import TINY_MODEL_ID
+
+
+def _rank(rank: int, world: int = 2) -> SimpleNamespace:
+    """Just enough of a Trainer for the data path: which rank of how many."""
+    return SimpleNamespace(
+        distributed_sampler_kwargs={"num_replicas": world, "rank": rank}, world_size=world
+    )
+
+
+def _batches(loader) -> list[list[int]]:
+    return [b["input_ids"].tolist() for b in loader]
+
+
+# ------------------------------------------------------------------------------- sharding
+def test_single_process_is_not_sharded():
+    sampler = LengthGroupedSampler([3, 1, 2], batch_size=1)
+    assert shard_train_sampler(sampler, None) is sampler
+    assert shard_eval_sampler([1, 2, 3], None) is None
+    single = SimpleNamespace(distributed_sampler_kwargs=None)
+    assert data_parallel_size(single) == 1 and shard_train_sampler(sampler, single) is sampler
+
+
+def test_train_shards_interleave_the_global_order_without_reshuffling():
+    lengths = list(torch.randint(1, 200, (101,), generator=torch.Generator().manual_seed(0)))
+    lengths = [int(n) for n in lengths]
+    order = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    shards = [
+        shard_train_sampler(LengthGroupedSampler(lengths, 8, seed=3), _rank(r)) for r in (0, 1)
+    ]
+    for epoch in (0, 1):
+        order.set_epoch(epoch)
+        for shard in shards:
+            shard.set_epoch(epoch)  # what Lightning calls; it must reach the inner sampler
+        expected = list(order)
+        got = [list(shard) for shard in shards]
+        # Rank r takes positions r, r + 2, ...: each step's 2 x 4 examples are the single
+        # process's batch of 8 for that step, in the single process's (length-grouped) order.
+        padded = expected + expected[: len(expected) % 2]  # the last step is padded evenly
+        assert got[0] == padded[0::2] and got[1] == padded[1::2]
+    order.set_epoch(0)
+    assert list(order) != expected  # set_epoch really changed the order each shard followed
+
+
+def test_eval_shards_hold_every_example_exactly_once():
+    dataset = list(range(19))  # odd: Lightning's default sampler would repeat one example
+    shards = [list(shard_eval_sampler(dataset, _rank(r))) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == dataset
+    with pytest.raises(ValueError, match="fewer than the 2 ranks"):
+        shard_eval_sampler([0], _rank(0))
+
+
+def test_datamodule_ranks_together_see_the_single_process_batches(tiny_path):
+    def datamodule(batch_size: int, trainer) -> CatsDataModule:
+        dm = CatsDataModule("lit-cats/cat-memes", TINY_MODEL_ID, batch_size=batch_size)
+        dm.trainer = trainer
+        dm.setup("fit")
+        return dm
+
+    single = _batches(datamodule(8, None).train_dataloader())
+    ranks = [_batches(datamodule(4, _rank(r)).train_dataloader()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for step, batch in enumerate(single[:-1]):  # the last step is padded to equal shards
+        rows = [row for r in ranks for row in r[step]]
+        pad_id = 1024  # strip right padding: widths differ between the layouts
+        strip = sorted(tuple(t for t in row if t != pad_id) for row in rows)
+        assert strip == sorted(tuple(t for t in row if t != pad_id) for row in batch)
+    # Validation: each example on one rank only, none repeated.
+    val_single = datamodule(8, None).val_dataloader()
+    val_ranks = [datamodule(4, _rank(r)).val_dataloader() for r in (0, 1)]
+    n_single = sum(len(b["input_ids"]) for b in val_single)
+    assert sum(len(b["input_ids"]) for v in val_ranks for b in v) == n_single
+
+
+# ------------------------------------------------------------------------------- the loss
+def test_single_process_loss_is_untouched():
+    loss = torch.tensor(2.5, requires_grad=True)
+    out, logged = average_tokens_across_ranks(loss, torch.tensor(7), SimpleNamespace(world_size=1))
+    assert out is loss and logged.item() == 2.5
+
+
+def test_rank_losses_average_to_the_global_token_mean(monkeypatch):
+    # Two ranks with 3 and 9 label tokens; DDP averages the two returned losses' gradients.
+    per_token = [torch.tensor([1.0, 2.0, 3.0]), torch.arange(9, dtype=torch.float32)]
+    totals = torch.tensor([sum(t.sum() for t in per_token), 12.0])
+
+    def all_reduce(tensor, op=None):
+        tensor.copy_(totals)  # what summing both ranks' (loss sum, token count) gives
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    weights = [torch.tensor(1.0, requires_grad=True) for _ in per_token]
+    trainer = SimpleNamespace(world_size=2)
+    outs = []
+    for w, tokens in zip(weights, per_token, strict=True):
+        loss = (w * tokens).mean()  # each rank's mean over its own tokens, as transformers gives
+        outs.append(average_tokens_across_ranks(loss, torch.tensor(len(tokens)), trainer))
+    global_mean = torch.cat(per_token).mean()
+    assert torch.allclose((outs[0][0] + outs[1][0]) / 2, global_mean)  # DDP's average
+    assert torch.allclose(outs[0][1], global_mean) and torch.allclose(outs[1][1], global_mean)
+    assert not torch.allclose((per_token[0].mean() + per_token[1].mean()) / 2, global_mean)
+
+
+# ------------------------------------------------------------------------------- real DDP runs
+# fp32 end to end, so one process and two agree to ~1e-6; a wrong loss weighting or batch
+# split shows as ~1e-2 (bf16 rounding alone is ~5e-3, which would hide it).
+_EXACT = (
+    "--trainer.precision",
+    "32-true",
+    "--model.bnb_4bit_compute_dtype",
+    "float32",
+    "--model.lora_dropout",
+    "0",  # dropout masks would differ between 1 x 8 and 2 x 4 rows
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.val_check_interval",
+    "4",
+)
+
+_CHECKPOINT_EVERY_2 = """\
+trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {every_n_train_steps: 2, save_top_k: -1, save_last: true}
+    - class_path: lit_cats.callbacks.TokenThroughput
+"""
+
+
+def _lit_cats_ddp(cwd: Path, *args: str) -> str:
+    """Run the console script with 2 CPU processes (Lightning starts the second one)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # A test run inside a SLURM job or torchrun must not make Lightning join that job.
+        if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))
+        and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    script = Path(sys.executable).with_name("lit-cats")
+    cmd = [str(script), *tiny_fit_args(*args)]
+    cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def _relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    diff = sum(((a[k] - b[k]).float() ** 2).sum() for k in a) ** 0.5
+    return float(diff / sum((a[k].float() ** 2).sum() for k in a) ** 0.5)
+
+
+def _scalars(run: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch_and_resume(run_dir):
+    # One process, batch 8, 4 steps.
+    main(tiny_fit_args(*_EXACT, "--trainer.max_steps", "4", "--data.batch_size", "8"))
+    single = run_dir / "logs" / "tiny-cats" / "version_0"
+
+    # Two processes, batch 4 each: 2 steps, then a resumed run (mid-epoch) to step 4.
+    ddp = run_dir / "ddp"
+    ddp.mkdir()
+    (ddp / "every2.yaml").write_text(_CHECKPOINT_EVERY_2)
+    common = (*_EXACT, "--config", str(CONFIGS / "ddp.yaml"), "--config", "every2.yaml")
+    first = _lit_cats_ddp(ddp, *common, "--trainer.max_steps", "2", "--data.batch_size", "4")
+    _lit_cats_ddp(
+        ddp, *common, "--trainer.max_steps", "4", "--data.batch_size", "4", "--ckpt_path", "last"
+    )
+    runs = ddp / "logs" / "tiny-cats"
+    resumed = runs / "version_1"
+
+    # The effective batch is reported, once (rank zero).
+    assert first.count("effective batch size: 8 = 4 per device x 2 devices x 1 nodes") == 1
+
+    # The same adapter as one process (fp32: only summation order differs)...
+    lora_b = {k: v for k, v in _adapter(single).items() if "lora_B" in k}  # B starts at 0
+    ddp_b = {k: v for k, v in _adapter(resumed).items() if "lora_B" in k}
+    assert _relative_difference(ddp_b, lora_b) < 1e-4
+    # ...the same per-step losses (the logged loss is the global token mean) and validation.
+    assert _scalars(resumed, "train_loss") == pytest.approx(
+        _scalars(single, "train_loss")[2:], rel=1e-5
+    )
+    assert _scalars(resumed, "val_loss") == pytest.approx(_scalars(single, "val_loss"), rel=1e-5)
+
+    # Exactly one set of outputs per run: one version folder, one event file, one adapter.
+    assert sorted(p.name for p in runs.iterdir()) == ["hub-dry-run", "version_0", "version_1"]
+    for version, ckpts in (
+        ("version_0", {"epoch=0-step=2.ckpt", "last.ckpt"}),
+        ("version_1", {"epoch=0-step=4.ckpt", "last.ckpt"}),
+    ):
+        run = runs / version
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+        assert {p.name for p in (run / "checkpoints").iterdir()} == ckpts
+        assert (run / "config.yaml").is_file() and (run / "adapter").is_dir()
+    # The Hub push (dry run) holds the final adapter.
+    pushed = runs / "hub-dry-run" / "adapter_model.safetensors"
+    assert pushed.read_bytes() == (resumed / "adapter" / "adapter_model.safetensors").read_bytes()
+    # Throughput counts both ranks' tokens.
+    assert _scalars(resumed, "train_tokens_per_s")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_write_one_run(run_dir):
+    """Two single-process "nodes" on this machine, started by torchrun as on a cluster."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    port = str(_free_port())
+    procs = []
+    for node_rank in (0, 1):
+        cmd = [
+            str(torchrun),
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node_rank}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "lit_cats.cli",
+            *tiny_fit_args("--trainer.max_steps", "2", "--data.batch_size", "4"),
+            "--config",
+            str(CONFIGS / "ddp.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.num_nodes",
+            "2",
+        ]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "effective batch size: 8 = 4 per device x 1 devices x 2 nodes" in outputs[0]
+    runs = run_dir / "logs" / "tiny-cats"
+    assert sorted(p.name for p in runs.iterdir()) == ["hub-dry-run", "version_0"]
+    assert (runs / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------- resume
+def test_datamodule_checkpoints_the_loader_position_for_the_next_loader(tiny_path):
+    # Lightning restores loaders built after the restore only; ours is built before
+    # (estimated_stepping_batches, Lightning-AI/pytorch-lightning#20550), so the datamodule
+    # carries the position to the next loader it builds.
+    dm = CatsDataModule("lit-cats/cat-memes", TINY_MODEL_ID, batch_size=8)
+    dm.setup("fit")
+    straight = _batches(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    for _, _ in zip(range(3), loader, strict=False):
+        pass
+    state = dm.state_dict()
+    assert state == {"train_loader": {"batches_served": 3}}
+
+    resumed = CatsDataModule("lit-cats/cat-memes", TINY_MODEL_ID, batch_size=8)
+    resumed.setup("fit")
+    resumed.load_state_dict(state)
+    assert _batches(resumed.train_dataloader()) == straight[3:]
+    assert _batches(resumed.train_dataloader()) == straight  # applied once, then a new epoch
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_does_not_skip_the_next(tiny_path):
+    dm = CatsDataModule("lit-cats/cat-memes", TINY_MODEL_ID, batch_size=8)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    everything = _batches(loader)
+    loader.load_state_dict(loader.state_dict())  # served the whole epoch
+    assert _batches(loader) == everything

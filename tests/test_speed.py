@@ -1,0 +1,232 @@
+"""Every speed feature computes the same loss and gradients as the plain path (tiny model, CPU).
+
+Tolerances (relative; measured values in brackets): the tiny model runs the real 4-bit path
+under bf16 autocast, as training does, with non-zero LoRA B so every gradient is exercised.
+Packing and the chunked loss regroup the same bf16 operations: loss <= 2e-4 (2e-5, 0), worst
+LoRA gradient <= 2e-2 (5e-3, 9e-3). The fused LoRA path and dropping the fp32 upcasts round
+differently on purpose: loss <= 1e-3 (8e-5, 2e-4), gradients <= 5e-2 (2.3e-2, 2.7e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CONFIGS, tiny_fit_args
+
+from lit_cats.cli import main
+from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.losses import chunked_causal_lm_loss
+from lit_cats.model import QLoRAModule
+from lit_cats.packing import (
+    VARLEN_ATTENTION,
+    TokenBudgetBatchSampler,
+    pack_examples,
+    varlen_attention_forward,
+)
+from lit_cats.tiny import TINY_MODEL_ID, tiny_model_path
+
+
+def _examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, 300, (n,), generator=gen).tolist()
+        labels = list(ids)
+        labels[: n // 3] = [IGNORE_INDEX] * (n // 3)  # a masked prompt, as chat data has
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _padded(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    from lit_cats.data import collate
+
+    return collate(examples, pad_id=0)
+
+
+def _module(**kwargs) -> QLoRAModule:
+    module = QLoRAModule(TINY_MODEL_ID, lora_dropout=0.0, **kwargs)
+    tiny_model_path()  # built (seeding torch) before the seed below, never in between
+    torch.manual_seed(0)  # the same LoRA A initialisation in every module compared
+    module.configure_model()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero B, so gradients reach A and every path is exercised
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return module
+
+
+def _loss_and_grads(module: QLoRAModule, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    module.zero_grad()
+    module.on_train_batch_start(batch, 0)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module._training_loss(batch)
+        loss.backward()
+    finally:
+        module.on_train_batch_end(None, batch, 0)
+    grads = {n: p.grad.float().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _assert_close(got, ref, loss_tol: float, grad_tol: float) -> None:
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    assert abs(loss - ref_loss) <= loss_tol * abs(ref_loss), (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    worst = max(_rel(grads[k], ref_grads[k]) for k in grads)
+    assert worst <= grad_tol, worst
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+# ------------------------------------------------------------------------------------ packing
+def test_pack_examples_restarts_positions_and_masks_each_first_label():
+    packed = pack_examples(_examples([3, 5, 2]))
+    assert packed["input_ids"].shape == (1, 10)
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    assert packed["cu_seq_lens_q"].tolist() == [0, 3, 8, 10]
+    assert packed["cu_seq_lens_q"].dtype == torch.int32
+    assert packed["max_length_q"] == 5
+    labels = packed["labels"][0]
+    assert labels[0] == labels[3] == labels[8] == IGNORE_INDEX
+
+
+def test_token_budget_batches_cover_every_example_once_within_budget():
+    lengths = torch.randint(32, 257, (500,), generator=torch.Generator().manual_seed(1)).tolist()
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=2048, seed=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in batches)
+    assert len(sampler) == len(batches)
+    # Full: on average a batch leaves less than one example's worth of room.
+    assert sum(lengths) / len(batches) > 2048 - 257
+    assert list(sampler) == batches  # deterministic for an epoch
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    shards = [
+        list(TokenBudgetBatchSampler(lengths, 2048, 3, num_replicas=2, rank=r)) for r in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) and not {i for b in shards[0] for i in b} & {
+        i for b in shards[1] for i in b
+    }
+    with pytest.raises(ValueError, match="longest example"):
+        TokenBudgetBatchSampler([10, 300], max_tokens=256)
+
+
+def test_varlen_attention_keeps_examples_apart():
+    torch.manual_seed(0)
+    lengths = [4, 7, 5]
+    q, k, v = (torch.randn(1, 2, sum(lengths), 8) for _ in range(3))
+    packed = pack_examples(_examples(lengths))
+    out, _ = varlen_attention_forward(
+        None, q, k, v, None, cu_seq_lens_q=packed["cu_seq_lens_q"], max_length_q=7
+    )
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], is_causal=True
+        ).transpose(1, 2)
+        torch.testing.assert_close(out[:, sl], ref)
+        start += n
+    with pytest.raises(ValueError, match="only on packed batches"):
+        varlen_attention_forward(None, q, k, v, None)
+
+
+def test_packed_loss_and_gradients_equal_the_padded_batch():
+    examples = _examples([40, 17, 63, 25])
+    module = _module()
+    ref = _loss_and_grads(module, _padded(examples))
+    packed = _loss_and_grads(module, pack_examples(examples))
+    _assert_close(packed, ref, loss_tol=2e-4, grad_tol=2e-2)
+    config = module.model.get_base_model().config
+    assert config._attn_implementation == "sdpa"  # restored after the packed step
+
+
+# ------------------------------------------------------------------------------- chunked loss
+def test_chunked_loss_equals_full_logits_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = IGNORE_INDEX
+    logits = hidden @ weight.t()
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    ref.backward()
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_size=4)
+    (2 * loss).backward()  # the upstream gradient is applied
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad, 2 * ref_grads[0])
+    torch.testing.assert_close(weight.grad, 2 * ref_grads[1])
+
+
+def test_chunked_loss_in_the_model_equals_transformers_loss():
+    batch = _padded(_examples([40, 17, 63, 25]))
+    ref = _loss_and_grads(_module(), batch)
+    chunked = _loss_and_grads(_module(loss_chunk_size=16), batch)
+    _assert_close(chunked, ref, loss_tol=1e-4, grad_tol=2e-2)
+
+
+# ---------------------------------------------------------------------------------- fast LoRA
+def test_fast_lora_equals_peft_lora():
+    batch = _padded(_examples([40, 17, 63, 25]))
+    ref = _loss_and_grads(_module(), batch)
+    fast_module = _module(fast_lora=True)
+    assert sum(hasattr(m, "_lit_cats_peft_forward") for m in fast_module.modules()) == 8
+    _assert_close(_loss_and_grads(fast_module, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
+
+
+def test_fast_lora_keeps_dropout_and_disabled_adapters():
+    module = _module(fast_lora=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    module.eval()
+    with torch.no_grad():
+        with_lora = module.model(input_ids=ids).logits
+        with module.model.disable_adapter():
+            without = module.model(input_ids=ids).logits
+    assert not torch.equal(with_lora, without)
+
+
+def test_no_fp32_upcast_stays_close():
+    batch = _padded(_examples([40, 17, 63, 25]))
+    ref = _loss_and_grads(_module(), batch)
+    lean = _module(upcast_to_fp32=False)
+    norm = lean.model.get_base_model().model.norm.weight
+    assert norm.dtype == torch.bfloat16
+    _assert_close(_loss_and_grads(lean, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
+
+
+def test_all_features_together_equal_the_plain_path():
+    examples = _examples([40, 17, 63, 25])
+    ref = _loss_and_grads(_module(), _padded(examples))
+    fast = _module(loss_chunk_size=16, fast_lora=True, upcast_to_fp32=False)
+    _assert_close(_loss_and_grads(fast, pack_examples(examples)), ref, 1e-3, 5e-2)
+
+
+# ------------------------------------------------------------------------------------- config
+def test_fast_config_trains_the_tiny_model_on_cpu(run_dir):
+    main(
+        tiny_fit_args(
+            "--config",
+            str(CONFIGS / "fast.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.max_steps",
+            "3",
+            "--data.max_tokens_per_batch",
+            "2048",
+        )
+    )
+    adapter = run_dir / "logs" / "tiny-cats" / "version_0" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+
+
+def test_varlen_name_is_stable():
+    assert VARLEN_ATTENTION == "lit_cats_varlen"
