@@ -132,8 +132,10 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Phi3F
         # adapters on a frozen random head can hardly move, and the demo would show no learning.
         initializer_range=0.1,
     )
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    # A private RNG state: building (e.g. on first use, mid-run) must not reseed the caller's.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Phi3ForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(list(PHI3_STOP_TOKENS)),

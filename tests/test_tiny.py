@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_cats.tiny import (
@@ -52,3 +53,9 @@ def test_reserved_name_resolves_and_others_pass_through(tiny_path):
     assert resolve_model_path("microsoft/Phi-3-mini-4k-instruct") == (
         "microsoft/Phi-3-mini-4k-instruct"
     )
+
+
+def test_building_does_not_touch_the_global_rng(tmp_path):
+    state = torch.random.get_rng_state()
+    tiny_model_path(tmp_path / "fresh")
+    assert torch.equal(torch.random.get_rng_state(), state)
