@@ -99,8 +99,9 @@ class Run:
     warmup: int = 8
 
 
-def _fast(name: str, what: str, workload: str = "short", **kw: Any) -> Run:
-    return Run(name, what, workload, model=dict(FAST_MODEL), fast_optimizer=True, **kw)
+def _fast(name: str, what: str, workload: str = "short", liger: bool = False, **kw: Any) -> Run:
+    model = {**FAST_MODEL, "liger_kernels": True} if liger else dict(FAST_MODEL)
+    return Run(name, what, workload, model=model, fast_optimizer=True, **kw)
 
 
 RUNS: dict[str, Run] = {
@@ -128,6 +129,27 @@ RUNS: dict[str, Run] = {
             gradient_checkpointing=False,
         ),
         _fast("fast_long_gc", "fast.yaml, 1,024-token sequences, GC on", "long", packing=True),
+        _fast(
+            "fast_pack_gc_liger",
+            "fast.yaml + Liger kernels, packing 16k, GC on",
+            packing=True,
+            liger=True,
+        ),
+        _fast(
+            "fast_pack8k_nogc_liger",
+            "fast.yaml + Liger kernels, packing 8k, GC off",
+            packing=True,
+            max_tokens=8192,
+            gradient_checkpointing=False,
+            liger=True,
+        ),
+        _fast(
+            "fast_long_gc_liger",
+            "fast.yaml + Liger kernels, 1,024-token sequences, GC on",
+            "long",
+            packing=True,
+            liger=True,
+        ),
         Run(
             "orig_4096",
             "qlora.yaml settings, 1 x 4,096 tokens",

@@ -21,6 +21,7 @@ from lit_cats.distributed import average_tokens_across_ranks, label_token_count
 from lit_cats.formatting import IGNORE_INDEX
 from lit_cats.generation import GenerationSettings, generate
 from lit_cats.inference import LATEST, apply_adapter, resolve_adapter
+from lit_cats.kernels import apply_liger_kernels
 from lit_cats.loading import hub_errors, load_tokenizer, resolve_pretrained
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
@@ -80,6 +81,8 @@ class QLoRAModule(L.LightningModule):
         upcast_to_fp32: Keep ``prepare_model_for_kbit_training``'s fp32 copies of the norms,
             embeddings and output head (the original recipe). False keeps them in
             ``bnb_4bit_compute_dtype``: half the activation bytes of the residual stream.
+        liger_kernels: Fused Triton kernels for RMSNorm, SwiGLU and rotary embeddings
+            (``lit_cats.kernels``; CUDA and the ``liger-kernel`` package needed).
         adapter: Trained adapter to load instead of training a new one, for ``predict`` (and
             ``validate``/``test``): ``"latest"`` (the newest ``adapter/`` of this experiment's
             runs), an adapter or run folder, or a Hub id. ``None`` predicts with the base alone
@@ -107,6 +110,7 @@ class QLoRAModule(L.LightningModule):
         loss_chunk_size: int | None = None,
         fast_lora: bool = False,
         upcast_to_fp32: bool = True,
+        liger_kernels: bool = False,
         adapter: str | None = None,
         generation: GenerationSettings | None = None,
     ) -> None:
@@ -143,6 +147,8 @@ class QLoRAModule(L.LightningModule):
         hp = self.hparams
         base = self._load_base()
         keep_cpu_4bit_weights_trainable(base)
+        if hp.liger_kernels:
+            apply_liger_kernels(base)
         # from_pretrained returns eval mode and Lightning does not flip it; in eval mode
         # transformers skips gradient checkpointing (Lightning-AI/pytorch-lightning#20105).
         base.train()

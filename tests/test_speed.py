@@ -230,3 +230,45 @@ def test_fast_config_trains_the_tiny_model_on_cpu(run_dir):
 
 def test_varlen_name_is_stable():
     assert VARLEN_ATTENTION == "lit_cats_varlen"
+
+
+# ------------------------------------------------------------------------------ liger (GPU)
+def test_liger_kernels_refuse_a_machine_without_them():
+    module = QLoRAModule(TINY_MODEL_ID, liger_kernels=True)
+    # Without the package: ImportError naming it; with it but no GPU: ValueError naming CUDA.
+    with pytest.raises((ImportError, ValueError), match="liger"):
+        module.configure_model()
+
+
+def _cuda_module(**kwargs) -> QLoRAModule:
+    import lightning as L
+
+    module = QLoRAModule(TINY_MODEL_ID, lora_dropout=0.0, upcast_to_fp32=False, **kwargs)
+    module.trainer = L.Trainer(accelerator="gpu", devices=1, logger=False)  # loads on cuda:0
+    tiny_model_path()
+    torch.manual_seed(0)
+    module.configure_model()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
+    return module
+
+
+def _cuda_loss_and_grads(module: QLoRAModule, batch: dict) -> tuple[float, dict]:
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    module.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = module._training_loss(batch)
+    loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in module.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+@pytest.mark.gpu
+def test_liger_kernels_equal_the_plain_path_on_gpu():
+    batch = _padded(_examples([40, 17, 63, 25]))
+    ref = _cuda_loss_and_grads(_cuda_module(), batch)
+    got = _cuda_loss_and_grads(_cuda_module(liger_kernels=True), batch)
+    _assert_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
