@@ -265,7 +265,8 @@ class HubPusher:
     """Commits upload plans to one Hub repo, creating the repo (and branch) first.
 
     Args:
-        repo_id: Target repo; ``None`` resolves ``<logged-in user>/<name>`` on first push.
+        repo_id: Target repo ``owner/name``, or a bare ``name`` under the logged-in user;
+            ``None`` resolves ``<logged-in user>/<name>`` on first push.
         name: Repo name used when ``repo_id`` is ``None``.
         private: Create the repo private (an existing repo keeps its visibility).
         revision: Branch to commit to (created from ``main`` if missing); ``None`` is ``main``.
@@ -284,6 +285,8 @@ class HubPusher:
         max_retries: int = 3,
         retry_backoff_s: float = 2.0,
     ) -> None:
+        if repo_id is not None and "/" not in repo_id:  # a bare name: the owner is whoever logs in
+            repo_id, name = None, repo_id
         self.repo_id, self.name = repo_id, name
         self.private, self.revision = private, revision
         self.dry_run_dir = Path(dry_run_dir) if dry_run_dir is not None else None

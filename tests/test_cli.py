@@ -67,6 +67,8 @@ def test_qlora_yaml_carries_the_original_hyperparameters(capsys):
         c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
     )
     assert checkpoint["init_args"]["every_n_train_steps"] == 50
+    assert cfg["hub"]["repo_id"] == "phi-3-mini-4k-instruct-existential-cats-v1"
+    assert cfg["hub"]["strategy"] == "checkpoint"  # the original's hub_strategy
     logger = trainer["logger"]
     assert logger["class_path"].endswith("TensorBoardLogger")
     assert logger["init_args"]["save_dir"] == "logs"

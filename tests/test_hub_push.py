@@ -361,7 +361,7 @@ def test_push_run_dry_run_needs_no_network(
     ("kwargs", "match"),
     [
         ({"strategy": "sometimes"}, "'end', 'every_save', 'checkpoint'"),
-        ({"repo_id": "no-owner"}, "owner/name"),
+        ({"repo_id": "owner/name/extra"}, "owner/name"),
         ({"timeout_s": 0}, "timeout_s"),
     ],
 )
@@ -378,3 +378,11 @@ def test_only_rank_zero_pushes(
     run_dir, _ = fit(tmp_path, strategy="checkpoint")
     assert hub.requests == []
     assert not (run_dir / ".hub-staging").exists() and not (run_dir / "README.md").exists()
+
+
+def test_a_bare_repo_name_goes_under_the_logged_in_user(hub: FakeHub, tmp_path: Path) -> None:
+    # configs/qlora.yaml names the original's repo without an owner, as the original did.
+    fit(tmp_path, strategy="end", repo_id="phi-3-mini-4k-instruct-existential-cats-v1")
+    assert [c.repo_id for c in hub.commits] == [
+        "cat-lover/phi-3-mini-4k-instruct-existential-cats-v1"
+    ]

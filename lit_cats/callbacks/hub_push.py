@@ -51,8 +51,9 @@ class HubPushCallback(L.Callback):
           private: false
 
     Args:
-        repo_id: Target repo ``owner/name``; ``None`` uses ``<logged-in user>/<run name>``,
-            the run name being the logger's experiment name.
+        repo_id: Target repo ``owner/name``, or a bare ``name`` under the logged-in user;
+            ``None`` uses ``<logged-in user>/<run name>``, the run name being the logger's
+            experiment name.
         strategy: ``"end"`` pushes the final adapter only; ``"every_save"`` also commits the
             adapter at each checkpoint; ``"checkpoint"`` does too and keeps the latest
             resumable checkpoint in the repo's ``last-checkpoint/`` folder.
@@ -79,8 +80,8 @@ class HubPushCallback(L.Callback):
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
-        if repo_id is not None and repo_id.count("/") != 1:
-            raise ValueError(f"repo_id must look like 'owner/name', got {repo_id!r}.")
+        if repo_id is not None and (repo_id.count("/") > 1 or not repo_id.strip("/")):
+            raise ValueError(f"repo_id must look like 'owner/name' or 'name', got {repo_id!r}.")
         if max_retries < 0 or retry_backoff_s < 0 or timeout_s <= 0:
             raise ValueError(
                 "max_retries and retry_backoff_s must be >= 0 and timeout_s > 0, got "
