@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import gc
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout without installing
 sys.path.insert(0, str(REPO / "benchmarks"))  # the shared random Phi-3-mini definition
 
-from bench_train import PHI3_MINI, TARGETS  # noqa: E402
+from bench_train import PHI3_MINI, TARGETS, append_results, environment  # noqa: E402
 
 from lit_cats.generation import GenerationSettings, generate  # noqa: E402
 from lit_cats.inference import load_base, load_for_inference  # noqa: E402
@@ -223,30 +220,6 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ the record
-def environment(device: str) -> dict[str, str]:
-    """GPU, library versions and commit for the record."""
-    import bitsandbytes
-    import peft
-    import transformers
-
-    def git(*cmd: str) -> str:
-        with contextlib.suppress(Exception):
-            return subprocess.run(
-                ["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        return "?"
-
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": gpu,
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}",
-        "commit": git("rev-parse", "--short", "HEAD") + (" (dirty tree)" if dirty else ""),
-    }
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table; speed-ups against the ``original`` arm measured in the same run."""
     base = rows[0]["tokens"] / rows[0]["seconds"]
@@ -261,20 +234,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{rate:,.1f} | {rate / base:.1f}x |"
         )
     return "\n".join(lines)
-
-
-def append_results(path: Path, env: dict[str, str], body: str, note: str) -> None:
-    """Append one dated section to RESULTS.md (created if missing)."""
-    if not path.exists():
-        path.write_text(
-            "# Benchmark results\n\nAppended by the benchmarks/ scripts; newest last.\n"
-        )
-    head = (
-        f"\n## bench_generate: {env['date']}\n\n- device: {env['device']}\n"
-        f"- versions: {env['versions']}\n- commit: {env['commit']}\n- {note}\n"
-    )
-    with path.open("a") as f:
-        f.write(head + "\n" + body + "\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -297,7 +256,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"the original measured {ORIGINAL_TOKENS_PER_S} tok/s on one H100 (issue)"
         + (f"; {args.note}" if args.note else "")
     )
-    append_results(args.results, environment("cpu" if args.tiny else "cuda"), body, note)
+    env = environment("cpu" if args.tiny else "cuda")
+    append_results(args.results, env, body, note, section="bench_generate")
     print(f"appended to {args.results}")
     return rows
 

@@ -558,14 +558,16 @@ def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     return "\n".join(lines)
 
 
-def append_results(path: Path, env: dict[str, str], body: str, note: str) -> None:
-    """Append one dated section to RESULTS.md (created if missing)."""
+def append_results(
+    path: Path, env: dict[str, str], body: str, note: str, section: str = "bench_train"
+) -> None:
+    """Append one dated ``## <section>: <date>`` part to RESULTS.md (created if missing)."""
     if not path.exists():
         path.write_text(
             "# Benchmark results\n\nAppended by the benchmarks/ scripts; newest last.\n"
         )
     head = (
-        f"\n## bench_train: {env['date']}\n\n- device: {env['device']}\n"
+        f"\n## {section}: {env['date']}\n\n- device: {env['device']}\n"
         f"- versions: {env['versions']}\n- commit: {env['commit']}\n"
     )
     if note:
