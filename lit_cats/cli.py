@@ -69,6 +69,14 @@ def build_tiny(cache_dir: str | None = None) -> None:
     print(tiny_model_path(cache_dir))
 
 
+_DESCRIPTION = (
+    "QLoRA fine-tuning with Lightning (fit, validate, test, predict). Also: "
+    "'lit-cats merge --help' (fold an adapter into a bf16 base), "
+    "'lit-cats push --help' (push a run folder to the Hub), "
+    "'lit-cats tiny' (build the offline tiny model and print its folder)."
+)
+
+
 def _helper_commands() -> dict[str, Callable[..., None]]:
     """Commands that are not Trainer entry points, each a typed function."""
     return {"tiny": build_tiny, "push": push_run, "merge": merge}
@@ -91,7 +99,10 @@ def main(args: Sequence[str] | None = None) -> None:
         args=None if args is None else argv,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # the module's injected optimizer/scheduler decide
+        auto_configure_optimizers=False,
+        parser_kwargs={
+            "description": _DESCRIPTION
+        },  # the module's injected optimizer/scheduler decide
         trainer_defaults={
             "precision": "bf16-mixed",
             "logger": lazy_instance(

@@ -155,3 +155,11 @@ def test_output_dir_gets_a_copy_of_the_adapter(run_dir):
     assert (copy / "adapter_model.safetensors").read_bytes() == (
         run_adapter / "adapter_model.safetensors"
     ).read_bytes()
+
+
+def test_help_names_the_helper_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("lit-cats merge", "lit-cats push", "lit-cats tiny"):
+        assert command in " ".join(out.split()).replace("lit- cats", "lit-cats")
