@@ -14,7 +14,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_cats.callbacks import GenerationSamples, HubPushCallback, PredictionWriter
 from lit_cats.data import CatsDataModule
 from lit_cats.hub import push_run
-from lit_cats.merge import merge
+from lit_cats.loading import experiment_dir, newest_match
+from lit_cats.merge import merge_adapter
 from lit_cats.model import QLoRAModule
 from lit_cats.tiny import tiny_model_path
 
@@ -49,15 +50,14 @@ def find_last_checkpoint(trainer: Trainer) -> Path:
     Raises:
         FileNotFoundError: If there is none, with where it looked and what to do.
     """
-    logger = trainer.logger
-    root = Path(logger.save_dir) / logger.name if logger else Path(trainer.default_root_dir)
-    found = sorted(root.glob("**/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    root = experiment_dir(trainer)
+    found = newest_match(root, "**/last*.ckpt")
+    if found is None:
         raise FileNotFoundError(
             f"--ckpt_path last: no last.ckpt under {str(root)!r}, so there is no run to resume. "
             "Start without --ckpt_path, or pass a checkpoint file's path."
         )
-    return found[-1]
+    return found
 
 
 def build_tiny(cache_dir: str | None = None) -> None:
@@ -79,7 +79,7 @@ _DESCRIPTION = (
 
 def _helper_commands() -> dict[str, Callable[..., None]]:
     """Commands that are not Trainer entry points, each a typed function."""
-    return {"tiny": build_tiny, "push": push_run, "merge": merge}
+    return {"tiny": build_tiny, "push": push_run, "merge": merge_adapter}
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -28,8 +28,6 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, Sampler
 
-from lit_cats.formatting import IGNORE_INDEX
-
 
 def data_parallel_size(trainer: L.Trainer | None) -> int:
     """How many ranks split each batch (1 without a Trainer or without data parallelism)."""
@@ -78,11 +76,6 @@ def shard_eval_sampler(dataset: Dataset[Any], trainer: L.Trainer | None) -> Samp
             "or set it to 0 to train without validation."
         )
     return UnrepeatedDistributedSampler(dataset, shuffle=False, **kwargs)
-
-
-def label_token_count(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens that carry a loss: labels shift left by one inside the model, so skip column 0."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def average_tokens_across_ranks(

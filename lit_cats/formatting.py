@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 Format = Literal["auto", "text", "messages", "prompt_response"]
@@ -19,7 +20,16 @@ Format = Literal["auto", "text", "messages", "prompt_response"]
 #: Label value ignored by the cross-entropy loss (PyTorch's and transformers' convention).
 IGNORE_INDEX = -100
 
-_ROLES = ("system", "user", "assistant")
+#: Roles a chat message may have (Phi-3's template renders exactly these).
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def label_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that carry a loss, on the labels' device (no host sync).
+
+    The model shifts labels left by one, so column 0 never carries a loss.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def detect_format(
@@ -75,19 +85,25 @@ def validate_column(values: Sequence[Any], column: str, fmt: str) -> None:
             )
 
 
-def _validate_messages(value: Any, column: str, row: int) -> None:
-    ok = (
+def is_chat(value: Any) -> bool:
+    """True for a non-empty list of ``{"role": one of CHAT_ROLES, "content": str}`` dicts."""
+    return (
         isinstance(value, list)
-        and value
+        and bool(value)
         and all(
-            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)
+            isinstance(m, dict)
+            and m.get("role") in CHAT_ROLES
+            and isinstance(m.get("content"), str)
             for m in value
         )
     )
-    if not ok:
+
+
+def _validate_messages(value: Any, column: str, row: int) -> None:
+    if not is_chat(value):
         raise ValueError(
             f"Column {column!r} row {row} is not a chat: expected a non-empty list of "
-            f"{{'role': one of {_ROLES}, 'content': str}} dicts, got {value!r:.80}."
+            f"{{'role': one of {CHAT_ROLES}, 'content': str}} dicts, got {value!r:.80}."
         )
     if not any(m["role"] == "assistant" for m in value):
         raise ValueError(f"Column {column!r} row {row} has no assistant turn to learn from.")

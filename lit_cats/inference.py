@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lit_cats.loading import hub_errors, looks_like_path, resolve_pretrained
+from lit_cats.loading import hub_errors, looks_like_path, newest_match, resolve_pretrained
 from lit_cats.quant import build_bnb_config, parse_dtype, require_bitsandbytes
 
 #: The adapter name that means "the newest adapter a fit wrote".
@@ -27,15 +27,14 @@ def find_latest_adapter(root: str | Path) -> Path:
     Raises:
         FileNotFoundError: If ``root`` holds no adapter, with what to do instead.
     """
-    root = Path(root)
-    found = sorted(root.glob(f"**/adapter/{ADAPTER_CONFIG}"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    found = newest_match(root, f"**/adapter/{ADAPTER_CONFIG}")
+    if found is None:
         raise FileNotFoundError(
             f"adapter 'latest': no adapter folder under {str(root)!r}, so no finished fit to "
             "load. Run `lit-cats fit` first (with the same logger settings), or pass an "
             "adapter folder, run folder or Hub id as --model.adapter (null for the base alone)."
         )
-    return found[-1].parent
+    return found.parent
 
 
 def resolve_adapter(adapter: str, search_root: str | Path = "logs") -> str:

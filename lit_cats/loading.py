@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -14,6 +15,24 @@ from lit_cats.tiny import TINY_MODEL_ID, resolve_model_path
 def looks_like_path(name: str) -> bool:
     """True for strings a user means as a local path rather than a Hub id ``owner/name``."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def experiment_dir(trainer: Any) -> Path:
+    """Where an experiment's runs live: ``<logger save_dir>/<name>``, every version below it.
+
+    Without a logger, the Trainer's ``default_root_dir``; without a Trainer, ``logs``.
+    """
+    if trainer is None:
+        return Path("logs")
+    logger = trainer.logger
+    if logger is None or logger.save_dir is None:
+        return Path(trainer.default_root_dir)
+    return Path(logger.save_dir) / (logger.name or "")
+
+
+def newest_match(root: str | Path, pattern: str) -> Path | None:
+    """The most recently written file under ``root`` matching the glob ``pattern``, if any."""
+    return max(Path(root).glob(pattern), key=lambda p: p.stat().st_mtime, default=None)
 
 
 def resolve_pretrained(name_or_path: str) -> str:

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from lit_cats.assets import SHIPPED_DATASET_ID
 from lit_cats.data import CatsDataModule
-from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.formatting import label_token_count
 from lit_cats.inference import adapter_base_model, apply_adapter, load_base, resolve_adapter
 from lit_cats.loading import load_tokenizer
 from lit_cats.quant import parse_dtype
@@ -64,7 +64,20 @@ def merge_adapter(
     num_check_examples: int = 8,
     tolerance: float = 0.02,
 ) -> MergeReport:
-    """Merge an adapter into its base reloaded in ``dtype``, save it, and check it.
+    """Merge a LoRA adapter into its base (reloaded unquantized) and save a transformers model.
+
+    Checks the saved model: its loss on a few examples must match adapter-on-base's. Prints
+    what it wrote, the check, and the ``predict`` command that serves the merged model.
+
+    Args:
+        adapter: ``latest`` (newest adapter under ./logs), an adapter or run folder, or a Hub id.
+        output_dir: Where to save; default ``merged/`` next to a local adapter's folder.
+        base: Base model; default the one recorded in the adapter's config.
+        dtype: dtype of the merged weights (``bfloat16``; ``float32`` for an exact check).
+        device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
+        check_dataset: Dataset whose first examples check the merge (a lit-cats dataset spec).
+        num_check_examples: How many examples the check uses.
+        tolerance: Largest allowed difference of the mean per-token loss (nats).
 
     Raises:
         FileNotFoundError: If the adapter cannot be found.
@@ -108,36 +121,6 @@ def merge_adapter(
             "use it; check the adapter was trained on this base and merge in float32 "
             "(--dtype float32) to compare."
         )
-    return report
-
-
-def merge(
-    adapter: str = "latest",
-    output_dir: str | None = None,
-    base: str | None = None,
-    dtype: str = "bfloat16",
-    device: str = "auto",
-    check_dataset: str = SHIPPED_DATASET_ID,
-    num_check_examples: int = 8,
-    tolerance: float = 0.02,
-) -> None:
-    """Merge a LoRA adapter into its base (reloaded unquantized) and save a transformers model.
-
-    Checks the saved model: its loss on a few examples must match adapter-on-base's.
-
-    Args:
-        adapter: ``latest`` (newest adapter under ./logs), an adapter or run folder, or a Hub id.
-        output_dir: Where to save; default ``merged/`` next to a local adapter's folder.
-        base: Base model; default the one recorded in the adapter's config.
-        dtype: dtype of the merged weights (``bfloat16``; ``float32`` for an exact check).
-        device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
-        check_dataset: Dataset whose first examples check the merge (a lit-cats dataset spec).
-        num_check_examples: How many examples the check uses.
-        tolerance: Largest allowed difference of the mean per-token loss (nats).
-    """
-    report = merge_adapter(
-        adapter, output_dir, base, dtype, device, check_dataset, num_check_examples, tolerance
-    )
     print(
         f"Merged {report.adapter} into {report.base} ({dtype}) -> {report.output_dir}\n"
         f"  check on {num_check_examples} examples of {check_dataset}: loss adapter-on-base "
@@ -148,6 +131,7 @@ def merge(
         f"configs/predict.yaml --model.model_name_or_path {report.output_dir} "
         "--model.adapter null --model.load_in_4bit false"
     )
+    return report
 
 
 def check_batches(tokenizer_name: str, dataset: str, num_examples: int) -> Batches:
@@ -169,7 +153,7 @@ def evaluate(model: torch.nn.Module, batches: Batches) -> tuple[float, list[torc
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        n = int(label_token_count(batch["labels"]))
         total, tokens = total + out.loss.float().item() * n, tokens + n
         all_logits.append(out.logits.float().cpu())
     return total / max(tokens, 1), all_logits

@@ -17,12 +17,12 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from lit_cats.distributed import average_tokens_across_ranks, label_token_count
-from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.distributed import average_tokens_across_ranks
+from lit_cats.formatting import label_token_count
 from lit_cats.generation import GenerationSettings, generate
 from lit_cats.inference import LATEST, apply_adapter, resolve_adapter
 from lit_cats.kernels import apply_liger_kernels
-from lit_cats.loading import hub_errors, load_tokenizer, resolve_pretrained
+from lit_cats.loading import experiment_dir, hub_errors, load_tokenizer, resolve_pretrained
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
 from lit_cats.packing import is_packed, register_varlen_attention
@@ -212,7 +212,7 @@ class QLoRAModule(L.LightningModule):
         if hp.adapter is None:
             rank_zero_info(f"Using {hp.model_name_or_path} without an adapter.")
             return base
-        root = self._experiment_dir()
+        root = experiment_dir(self._trainer)
         self.adapter_path = resolve_adapter(hp.adapter, root)
         newest = f" (the newest under {root})" if hp.adapter == LATEST else ""
         rank_zero_info(f"Using the adapter {self.adapter_path}{newest}")
@@ -220,13 +220,6 @@ class QLoRAModule(L.LightningModule):
         if hp.fast_lora:
             enable_fast_lora(model)
         return model
-
-    def _experiment_dir(self) -> Path:
-        """Where this experiment's runs live (``logs/<name>``), searched for ``latest``."""
-        logger = self._trainer.logger if self._trainer is not None else None
-        if logger is None or logger.save_dir is None:
-            return Path("logs")
-        return Path(logger.save_dir) / (logger.name or "")
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer, loaded on first use."""
@@ -274,7 +267,7 @@ class QLoRAModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self.model(**batch).loss
         # Weight by label tokens so the epoch value is the mean per-token loss, not per-batch.
-        self.val_loss.update(loss, weight=(batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.val_loss.update(loss, weight=label_token_count(batch["labels"]))
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # reduced across ranks by torchmetrics

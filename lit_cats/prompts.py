@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
+from lit_cats.formatting import CHAT_ROLES, is_chat
+
 #: A user message, or a chat whose assistant answer is to be generated.
 Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007 (jsonargparse reads this alias)
-
-_ROLES = ("system", "user", "assistant")
 
 
 def load_prompts(prompts: Sequence[Prompt] | None = None, prompts_file: str | None = None) -> list:
@@ -80,17 +80,9 @@ def check_prompt(prompt: Prompt, where: str) -> None:
         if not prompt.strip():
             raise ValueError(f"{where} is empty; remove it or write a question.")
         return
-    ok = (
-        isinstance(prompt, list)
-        and prompt
-        and all(
-            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)
-            for m in prompt
-        )
-    )
-    if not ok:
+    if not is_chat(prompt):
         raise ValueError(
-            f"{where} must be a string or a non-empty list of {{'role': one of {_ROLES}, "
+            f"{where} must be a string or a non-empty list of {{'role': one of {CHAT_ROLES}, "
             f"'content': str}} messages, got {prompt!r:.80}."
         )
     if prompt[-1]["role"] != "user":

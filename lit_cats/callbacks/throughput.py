@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.formatting import label_token_count
 
 
 class TokenThroughput(L.Callback):
@@ -46,8 +46,7 @@ class TokenThroughput(L.Callback):
         batch: dict[str, torch.Tensor],
         batch_idx: int,
     ) -> None:
-        # Labels are shifted inside the model: position 0 never carries a loss.
-        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        count = label_token_count(batch["labels"])
         self._tokens = count if self._tokens is None else self._tokens + count
         every = self.log_every_n_steps or trainer.log_every_n_steps
         step = trainer.global_step
