@@ -40,8 +40,10 @@ from bench_train import (  # noqa: E402
     FAST_MODEL,
     build_random_phi3,
     environment,
+    fit_timed,
     label_tokens,
     make_workload,
+    workload_datamodule,
 )
 
 #: Setups: per-GPU data settings and QLoRAModule overrides, all on the short workload.
@@ -61,12 +63,8 @@ SETUPS: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------- one run
 def worker(args: argparse.Namespace) -> None:
     """One fit on ``args.devices`` devices; rank zero writes the result to ``args.out``."""
-    import datasets
-    import lightning as L
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lit_cats.data import CatsDataModule
-    from lit_cats.loading import load_tokenizer
     from lit_cats.model import QLoRAModule
 
     setup = SETUPS[args.setups]
@@ -81,43 +79,29 @@ def worker(args: argparse.Namespace) -> None:
     )
     vocab = 1024 if args.model == "tiny" else 32064
     data = make_workload("short", vocab, args.examples)  # seeded: the same on every rank
-    dm = CatsDataModule(
-        "unused",
-        str(model_dir),
-        max_seq_length=256,
-        batch_size=setup["batch_size"],
-        val_size=0.0,
-        packing=setup.get("packing", False),
-        pin_memory=args.accelerator == "gpu",
-        seed=1,
+    dm = workload_datamodule(
+        model_dir,
+        data,
+        setup["batch_size"],
+        setup.get("packing", False),
+        16384,
+        args.accelerator == "gpu",
     )
-    dm.tokenizer = load_tokenizer(str(model_dir))
-    dm.train_dataset = datasets.Dataset.from_dict({"input_ids": data, "labels": data})
-    dm.describe_example = lambda index=0: "  (random token ids)"  # type: ignore[method-assign]
     timer = _Timer(args.warmup, args.steps, args.accelerator == "gpu")
     strategy: Any = "auto"
     if args.devices > 1:  # as configs/ddp.yaml
         strategy = DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
-    with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(
-            accelerator=args.accelerator,
-            devices=args.devices,
-            strategy=strategy,
-            # lit-cats shards its own loaders; packing requires this off under DDP.
-            use_distributed_sampler=False,
-            precision="bf16-mixed",
-            max_steps=args.warmup + args.steps,
-            gradient_clip_val=0.3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[timer],
-            default_root_dir=root,
-        )
-        trainer.fit(module, dm)
+    trainer = fit_timed(
+        module,
+        dm,
+        timer,
+        args.warmup + args.steps,
+        args.accelerator,
+        devices=args.devices,
+        strategy=strategy,
+        # lit-cats shards its own loaders; packing requires this off under DDP.
+        use_distributed_sampler=False,
+    )
     if trainer.is_global_zero:
         Path(args.out).write_text(json.dumps(timer.result))
 

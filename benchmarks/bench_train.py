@@ -189,8 +189,10 @@ def make_workload(workload: str, vocab: int, count: int, seed: int = 1) -> list[
 
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens that carry a loss (labels are shifted inside the model)."""
-    return (batch["labels"][:, 1:] != -100).sum()
+    """Tokens that carry a loss: the count lit-cats logs (``label_token_count``)."""
+    from lit_cats.formatting import label_token_count
+
+    return label_token_count(batch["labels"])
 
 
 # ------------------------------------------------------------------------------- the model
@@ -230,10 +232,7 @@ def _free() -> None:
 # ------------------------------------------------------------------------------- lit-cats
 def run_lit_cats(run: Run, model_dir: Path, data: list[list[int]], device: str) -> dict[str, Any]:
     """Time lit-cats' own Lightning training step (QLoRAModule + CatsDataModule)."""
-    import datasets
-    import lightning as L
 
-    from lit_cats.data import CatsDataModule
     from lit_cats.model import QLoRAModule
 
     optimizer = None
@@ -253,30 +252,62 @@ def run_lit_cats(run: Run, model_dir: Path, data: list[list[int]], device: str) 
         **run.model,
         **kwargs,
     )
+    dm = workload_datamodule(
+        model_dir, data, run.batch_size, run.packing, run.max_tokens, device == "cuda"
+    )
+    timer = _LightningTimer(run.warmup, run.steps, device)
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    trainer = fit_timed(module, dm, timer, run.warmup + run.steps, accelerator)
+    result = timer.result()
+    del trainer, module, dm
+    _free()
+    return result
+
+
+def workload_datamodule(
+    model_dir: Path,
+    data: list[list[int]],
+    batch_size: int,
+    packing: bool,
+    max_tokens: int,
+    pin_memory: bool,
+) -> Any:
+    """lit-cats' real data module (sampling, packing, collation) over in-memory token ids."""
+    import datasets
+
+    from lit_cats.data import CatsDataModule
+    from lit_cats.loading import load_tokenizer
+
     longest = max(len(x) for x in data)
     dm = CatsDataModule(
         "unused",
         str(model_dir),
         max_seq_length=max(longest, 2),
-        batch_size=run.batch_size,
+        batch_size=batch_size,
         val_size=0.0,
-        packing=run.packing,
-        max_tokens_per_batch=max(run.max_tokens, longest),
-        pin_memory=device == "cuda",
+        packing=packing,
+        max_tokens_per_batch=max(max_tokens, longest),
+        pin_memory=pin_memory,
         seed=1,
     )
-    from lit_cats.loading import load_tokenizer
-
     dm.tokenizer = load_tokenizer(str(model_dir))
     dm.train_dataset = datasets.Dataset.from_dict({"input_ids": data, "labels": data})
     dm.describe_example = lambda index=0: "  (random token ids)"  # type: ignore[method-assign]
-    timer = _LightningTimer(run.warmup, run.steps, device)
+    return dm
+
+
+def fit_timed(
+    module: Any, dm: Any, timer: Any, max_steps: int, accelerator: str, **trainer_kw: Any
+) -> Any:
+    """``Trainer.fit`` for timing: the training recipe's precision and clipping, no logging,
+    checkpoints, validation or progress bar, in a throw-away folder. Returns the Trainer."""
+    import lightning as L
+
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
-            accelerator="gpu" if device == "cuda" else "cpu",
-            devices=1,
+            accelerator=accelerator,
             precision="bf16-mixed",
-            max_steps=run.warmup + run.steps,
+            max_steps=max_steps,
             gradient_clip_val=0.3,
             logger=False,
             enable_checkpointing=False,
@@ -286,12 +317,10 @@ def run_lit_cats(run: Run, model_dir: Path, data: list[list[int]], device: str) 
             num_sanity_val_steps=0,
             callbacks=[timer],
             default_root_dir=root,
+            **{"devices": 1, **trainer_kw},
         )
         trainer.fit(module, dm)
-    result = timer.result()
-    del trainer, module, dm
-    _free()
-    return result
+    return trainer
 
 
 class _Timer:
