@@ -53,6 +53,21 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def save_random_adapter(base, folder: Path, targets: list[str], r: int, **lora_kwargs) -> Path:
+    """Wrap ``base`` with LoRA, give every ``lora_B`` random (non-zero) values, save to ``folder``.
+
+    A fresh adapter's B is zero, which would make adapter-on-base equal the base and hide bugs.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base, LoraConfig(r=r, target_modules=targets, **lora_kwargs))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    model.save_pretrained(folder)
+    return folder
+
+
 def tiny_fit_args(*extra: str) -> list[str]:
     """CLI arguments for a short fit of the tiny model on the shipped dataset."""
     return [

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, tiny_fit_args
-from peft import LoraConfig, get_peft_model
+from conftest import CONFIGS, save_random_adapter, tiny_fit_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -132,15 +131,6 @@ def test_prompt_files_text_and_jsonl(tmp_path):
     assert load_prompts(None, str(jsonl)) == ["x", chat]
 
 
-def _save_adapter(base, folder: Path) -> Path:
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"]))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    model.save_pretrained(folder)
-    return folder
-
-
 def test_adapter_errors_missing_path_and_other_base(tmp_path, tiny_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         resolve_adapter(str(tmp_path / "nope"))
@@ -150,7 +140,7 @@ def test_adapter_errors_missing_path_and_other_base(tmp_path, tiny_path):
     config = AutoModelForCausalLM.from_pretrained(tiny_path).config
     config.hidden_size, config.intermediate_size = 64, 192
     other = AutoModelForCausalLM.from_config(config)
-    adapter = _save_adapter(other, tmp_path / "other-adapter")
+    adapter = save_random_adapter(other, tmp_path / "other-adapter", ["qkv_proj", "down_proj"], 4)
     with pytest.raises(ValueError, match="does not fit the base model"):
         load_for_inference(TINY_MODEL_ID, str(adapter), load_in_4bit=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from conftest import save_random_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lit_cats.cli import main
@@ -20,13 +20,8 @@ def adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run") / "adapter"
     base = load_base(TINY_MODEL_ID, load_in_4bit=False, dtype="float32")
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_adapter(base, folder, targets, 8, lora_alpha=16)
 
 
 def _logits(model, ids):
