@@ -99,8 +99,15 @@ class Run:
     warmup: int = 8
 
 
-def _fast(name: str, what: str, workload: str = "short", liger: bool = False, **kw: Any) -> Run:
-    model = {**FAST_MODEL, "liger_kernels": True} if liger else dict(FAST_MODEL)
+def _fast(
+    name: str,
+    what: str,
+    workload: str = "short",
+    liger: bool = False,
+    compile: bool = False,
+    **kw: Any,
+) -> Run:
+    model = {**FAST_MODEL, "liger_kernels": liger, "compile": compile}
     return Run(name, what, workload, model=model, fast_optimizer=True, **kw)
 
 
@@ -150,6 +157,46 @@ RUNS: dict[str, Run] = {
             packing=True,
             liger=True,
         ),
+        _fast(
+            "fast_b2_compile",
+            "fast.yaml minus packing + compiled layers, batch 2 (original shape)",
+            compile=True,
+        ),
+        _fast(
+            "fast_pack_gc_compile",
+            "fast.yaml + compiled layers, packing 16k, GC on",
+            packing=True,
+            compile=True,
+        ),
+        _fast(
+            "fast_pack_gc_compile_liger",
+            "fast.yaml + compiled layers + Liger, packing 16k, GC on",
+            packing=True,
+            compile=True,
+            liger=True,
+        ),
+        _fast(
+            "fast_pack8k_nogc_compile",
+            "fast.yaml + compiled layers, packing 8k, GC off",
+            packing=True,
+            max_tokens=8192,
+            gradient_checkpointing=False,
+            compile=True,
+        ),
+        _fast(
+            "fast_pack16k_nogc_compile",
+            "fast.yaml + compiled layers, packing 16k, GC off",
+            packing=True,
+            gradient_checkpointing=False,
+            compile=True,
+        ),
+        _fast(
+            "fast_long_gc_compile",
+            "fast.yaml + compiled layers, 1,024-token sequences, GC on",
+            "long",
+            packing=True,
+            compile=True,
+        ),
         Run(
             "orig_4096",
             "qlora.yaml settings, 1 x 4,096 tokens",
@@ -165,6 +212,15 @@ RUNS: dict[str, Run] = {
             batch_size=1,
             steps=5,
             warmup=3,
+        ),
+        _fast(
+            "fast_4096_compile",
+            "fast.yaml + compiled layers, 1 x 4,096 tokens, GC on",
+            "len=4096",
+            batch_size=1,
+            steps=5,
+            warmup=3,
+            compile=True,
         ),
     ]
 }
@@ -235,6 +291,10 @@ def run_lit_cats(run: Run, model_dir: Path, data: list[list[int]], device: str) 
 
     from lit_cats.model import QLoRAModule
 
+    if run.model.get("compile"):  # each compiled run pays (and reports) its own compilation
+        import torch._dynamo as dynamo
+
+        dynamo.reset()
     optimizer = None
     if run.fast_optimizer:
 
@@ -336,11 +396,13 @@ class _Timer:
     def start_training(self) -> None:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        self.t_start = time.perf_counter()
 
     def result(self) -> dict[str, Any]:
         seconds = self.t1 - self.t0
         tokens = int(self.tokens)
         out = {"tokens": tokens, "seconds": seconds, "steps": self.steps}
+        out["warmup_s"] = self.t0 - getattr(self, "t_start", self.t0)  # compilation included
         if self.device == "cuda":
             out["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
             out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -567,13 +629,13 @@ def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
     base = next((r for r in rows if r["run"] == baseline and "tok_s" in r), None)
     lines = [
         "| run | settings | workload | real tok/s | s/step | peak alloc GiB | peak reserved GiB "
-        "| MFU | x original |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| MFU | x original | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['run']} | {r['what']} | {r['workload']} | failed: {r['error']} |||||"
+                f"| {r['run']} | {r['what']} | {r['workload']} | failed: {r['error']} ||||||"
             )
             continue
         ratio = f"{r['tok_s'] / base['tok_s']:.1f}x" if base else "-"
@@ -582,7 +644,8 @@ def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
         reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
         lines.append(
             f"| {r['run']} | {r['what']} | {r['workload']} | {r['tok_s']:,.0f} | "
-            f"{r['s_step']:.3f} | {alloc} | {reserved} | {mfu} | {ratio} |"
+            f"{r['s_step']:.3f} | {alloc} | {reserved} | {mfu} | {ratio} | "
+            f"{r.get('warmup_s', 0):.0f} |"
         )
     return "\n".join(lines)
 

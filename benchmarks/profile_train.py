@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/phi3-random"))
     parser.add_argument("--plain", action="store_true", help="qlora.yaml settings, not fast")
     parser.add_argument("--no-gc", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compiled decoder layers")
+    parser.add_argument("--liger", action="store_true", help="Liger kernels")
     args = parser.parse_args(argv)
     from lit_cats.model import QLoRAModule
 
     model_dir = build_random_phi3(args.model_dir, "cuda", tiny=False)
     kwargs = {} if args.plain else dict(FAST_MODEL)
+    kwargs.update(compile=args.compile, liger_kernels=args.liger)
     module = QLoRAModule(str(model_dir), gradient_checkpointing=not args.no_gc, **kwargs)
     module._target_device = lambda: torch.device("cuda")  # type: ignore[method-assign]
     module.configure_model()
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
         for b in batches(args.shape, 32064)
     ]
-    for b in data[:4]:
+    for b in data[:4]:  # compiled layers compile here (static, then dynamic shapes)
         step(b)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events) / 3
     print(
-        f"shape {args.shape} ({'plain' if args.plain else 'fast'}, GC {not args.no_gc}): "
+        f"shape {args.shape} ({'plain' if args.plain else 'fast'}, GC {not args.no_gc}, "
+        f"compile {args.compile}, liger {args.liger}): "
         f"{wall * 1e3:.0f} ms/step wall, {kernel_us / 1e3:.0f} ms/step of GPU kernels"
     )
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))

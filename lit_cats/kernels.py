@@ -1,9 +1,11 @@
-"""Optional fused Triton kernels (Liger) for the elementwise work between Phi-3's matmuls.
+"""Fewer, fused kernels for the elementwise work between the matmuls: Liger and torch.compile.
 
 On packed 16k-token steps the 4-bit matmuls already run near the GPU's peak; about half of the
 step is elementwise glue around them: RMSNorm, the SwiGLU gate, rotary embeddings (profile in
 benchmarks/RESULTS.md). Liger (linkedin/Liger-Kernel) fuses each of those into one kernel with
 a hand-written backward. CUDA only (Triton); an optional dependency: ``pip install liger-kernel``.
+``torch.compile`` of each decoder layer (:func:`compile_decoder_layers`) fuses the same work and
+the rest of it (dtype casts, LoRA dropout) with no extra package, on CUDA and the CPU.
 """
 
 from __future__ import annotations
@@ -52,3 +54,42 @@ def apply_liger_kernels(model: nn.Module) -> None:
     )
     for name, cls in classes.items():
         setattr(modeling_phi3, name, cls)
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """``torch.compile`` every decoder layer of a (peft-wrapped) causal LM; returns how many.
+
+    Regional compilation, as torchtune and LitGPT do it: each layer is compiled in place
+    (``nn.Module.compile``), so parameter names, the state dict and checkpoints are unchanged,
+    and the layers share one compiled graph, so the cost is one layer's compilation whatever
+    the depth. Inductor fuses the elementwise work between the matmuls (norms, rotary
+    embeddings, the SwiGLU gate, LoRA dropout, dtype casts, residual adds) into a few kernels,
+    and each layer runs as a handful of launches instead of hundreds of eager ops. bitsandbytes'
+    4-bit matmuls and the varlen attention are custom ops that stay as they are inside the
+    graph. The first steps pay the compilation (about a minute); shapes that vary from step to
+    step (packed rows, padded batches) are compiled once more, as dynamic shapes.
+
+    Raises:
+        ValueError: If no decoder layers are found, or on a CPU without a C++ compiler.
+    """
+    import shutil
+
+    layers = getattr(_causal_lm(model).get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            "model.compile=true compiles the decoder layers (model.model.layers) and found "
+            f"none in {type(model).__name__}; set it to false."
+        )
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        raise ValueError(
+            "model.compile=true on the CPU needs a C++ compiler for torch.compile's generated "
+            "code (e.g. apt install g++); install one or set --model.compile false."
+        )
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -21,7 +21,7 @@ from lit_cats.distributed import average_tokens_across_ranks
 from lit_cats.formatting import label_token_count
 from lit_cats.generation import GenerationSettings, generate
 from lit_cats.inference import LATEST, apply_adapter, resolve_adapter
-from lit_cats.kernels import apply_liger_kernels
+from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers
 from lit_cats.loading import experiment_dir, hub_errors, load_tokenizer, resolve_pretrained
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
@@ -83,6 +83,9 @@ class QLoRAModule(L.LightningModule):
             ``bnb_4bit_compute_dtype``: half the activation bytes of the residual stream.
         liger_kernels: Fused Triton kernels for RMSNorm, SwiGLU and rotary embeddings
             (``lit_cats.kernels``; CUDA and the ``liger-kernel`` package needed).
+        compile: ``torch.compile`` each decoder layer for training (``lit_cats.kernels``):
+            the elementwise work between the matmuls fused, far fewer kernel launches. The
+            first steps pay about a minute of compilation.
         adapter: Trained adapter to load instead of training a new one, for ``predict`` (and
             ``validate``/``test``): ``"latest"`` (the newest ``adapter/`` of this experiment's
             runs), an adapter or run folder, or a Hub id. ``None`` predicts with the base alone
@@ -111,6 +114,7 @@ class QLoRAModule(L.LightningModule):
         fast_lora: bool = False,
         upcast_to_fp32: bool = True,
         liger_kernels: bool = False,
+        compile: bool = False,
         adapter: str | None = None,
         generation: GenerationSettings | None = None,
     ) -> None:
@@ -168,6 +172,8 @@ class QLoRAModule(L.LightningModule):
         self.model.train()
         if hp.fast_lora:
             enable_fast_lora(self.model)
+        if hp.compile:  # last: the compiled layers trace the LoRA forward chosen above
+            compile_decoder_layers(self.model)
 
     def _load_base(self) -> torch.nn.Module:
         hp = self.hparams

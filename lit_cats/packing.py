@@ -8,7 +8,8 @@ step into one row of up to ``max_tokens`` tokens, with no padding at all:
   as they would alone;
 - attention stays inside each example: variable-length FlashAttention over the cumulative
   sequence lengths ``cu_seq_lens`` on CUDA (``torch.nn.attention.varlen``), one causal SDPA call
-  per example elsewhere (tests, CPU);
+  per example elsewhere (tests, CPU), or one SDPA call under a block-diagonal mask inside
+  ``torch.compile``d layers;
 - the first token of every example carries no label, so no example learns to predict the next
   example's first token, and the mean loss equals the unpacked batch's loss over the same tokens.
 
@@ -149,6 +150,22 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
 
 # --------------------------------------------------------------------------------- attention
+#: Keyword arguments of ``varlen_attn`` that differ between torch versions, found once at
+#: registration (``inspect`` cannot run inside a ``torch.compile``d layer).
+_VARLEN_KWARGS: dict[str, Any] = {}
+
+
+def _varlen_kwargs() -> dict[str, Any]:
+    if not _VARLEN_KWARGS:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        # torch >= 2.12 spells causality as a window.
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        _VARLEN_KWARGS.update(causal, has_scale="scale" in params)
+    return _VARLEN_KWARGS
+
+
 def _flash_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,13 +177,8 @@ def _flash_varlen(
     """Causal variable-length FlashAttention over ``(total, heads, dim)`` tensors (CUDA)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    kwargs: dict[str, Any] = {}
-    if "window_size" in params:  # torch >= 2.12 spells causality as a window
-        kwargs["window_size"] = (-1, 0)
-    else:
-        kwargs["is_causal"] = True
-    if "scale" in params:
+    kwargs = {k: v for k, v in _varlen_kwargs().items() if k != "has_scale"}
+    if _VARLEN_KWARGS["has_scale"]:
         kwargs["scale"] = scale
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
         raise ValueError("This torch's varlen_attn has no scale argument; upgrade torch.")
@@ -185,6 +197,22 @@ def _segmented_sdpa(
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         outs.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(outs)
+
+
+def _block_causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The same computation as one SDPA call under a block-diagonal causal ``T x T`` mask.
+
+    No data-dependent shapes or host syncs, so ``torch.compile`` traces it whole; used off CUDA
+    inside compiled layers (the per-example loop above needs the boundaries on the host).
+    """
+    idx = torch.arange(q.shape[0], device=q.device)
+    example = torch.searchsorted(cu[1:].to(torch.long), idx, right=True)
+    mask = (example[:, None] == example[None, :]) & (idx[None, :] <= idx[:, None])
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, total, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
 
 
 def varlen_attention_forward(
@@ -239,6 +267,8 @@ def varlen_attention_forward(
     q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = _flash_varlen(q, k, v, cu, int(max_len), scale)
+    elif torch.compiler.is_compiling():
+        out = _block_causal_sdpa(q, k, v, cu, scale)
     else:
         out = _segmented_sdpa(q, k, v, cu, scale)
     return out.unsqueeze(0), None
@@ -251,4 +281,6 @@ def register_varlen_attention() -> str:
     all for it, which is what packed rows need.
     """
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    if torch.cuda.is_available():
+        _varlen_kwargs()
     return VARLEN_ATTENTION
