@@ -169,13 +169,6 @@ RUNS: dict[str, Run] = {
             compile=True,
         ),
         _fast(
-            "fast_pack_gc_compile_liger",
-            "fast.yaml + compiled layers + Liger, packing 16k, GC on",
-            packing=True,
-            compile=True,
-            liger=True,
-        ),
-        _fast(
             "fast_pack8k_nogc_compile",
             "fast.yaml + compiled layers, packing 8k, GC off",
             packing=True,

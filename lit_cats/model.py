@@ -121,6 +121,13 @@ class QLoRAModule(L.LightningModule):
         super().__init__()
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or null, got {loss_chunk_size}.")
+        if compile and liger_kernels:
+            raise ValueError(
+                "model.compile and model.liger_kernels are alternatives: compiling fuses the same "
+                "norm, SwiGLU and rotary work, and torch.compile cannot trace Liger's kernels. "
+                "Set one of them to false (compile is the faster on an H100: "
+                "benchmarks/RESULTS.md)."
+            )
         parse_dtype(bnb_4bit_compute_dtype)  # validate now, not minutes later in configure_model
         build_lora_config(["_"], r, lora_alpha, lora_dropout)  # same: fail at construction
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])

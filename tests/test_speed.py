@@ -283,6 +283,11 @@ def _compiled_graphs_and_breaks() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
+def test_compile_and_liger_are_alternatives():
+    with pytest.raises(ValueError, match="alternatives"):
+        QLoRAModule(TINY_MODEL_ID, compile=True, liger_kernels=True)
+
+
 def test_compiled_layers_equal_eager_layers():
     """Packed (block-causal attention inside the graph) and padded batches, GC on."""
     import torch._dynamo
