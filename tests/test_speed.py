@@ -312,17 +312,37 @@ def test_compiled_layers_equal_eager_layers():
 
 @pytest.mark.gpu
 def test_compiled_layers_equal_eager_layers_on_gpu():
-    """Packed batches: the flash varlen kernel inside the compiled graph; padded: SDPA."""
+    """Packed batches: the flash varlen kernel inside the compiled graph; padded: SDPA.
+
+    Against peft's LoRA forward: the fused one in place (eager) and as an add (compiled)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     examples = _examples([40, 17, 63, 25])
-    settings = {"loss_chunk_size": 16, "fast_lora": True}
-    eager, compiled = _cuda_module(**settings), _cuda_module(compile=True, **settings)
+    peft_lora = _cuda_module(loss_chunk_size=16)  # peft's own LoRA forward, eager
+    fast, compiled = (_cuda_module(loss_chunk_size=16, fast_lora=True, compile=c) for c in (0, 1))
     for batch in (pack_examples(examples), _padded(examples)):
+        ref = _cuda_loss_and_grads(peft_lora, batch)
+        _assert_close(_cuda_loss_and_grads(fast, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
         graphs, breaks = _compiled_graphs_and_breaks()
         got = _cuda_loss_and_grads(compiled, batch)
         new_graphs, new_breaks = _compiled_graphs_and_breaks()
         assert new_graphs > graphs and new_breaks == breaks
-        _assert_close(got, _cuda_loss_and_grads(eager, batch), loss_tol=1e-3, grad_tol=5e-2)
+        _assert_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
     torch._dynamo.reset()
+
+
+def test_cudnn_attention_is_off_during_fit_and_predict_then_restored():
+    import types
+
+    module = QLoRAModule(TINY_MODEL_ID)
+    module._trainer = types.SimpleNamespace(is_global_zero=False)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for start, end in [
+        (module.on_fit_start, module.on_fit_end),
+        (module.on_predict_start, module.on_predict_end),
+    ]:
+        start()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        end()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
