@@ -320,7 +320,9 @@ def test_compiled_layers_equal_eager_layers_on_gpu():
     torch._dynamo.reset()
     examples = _examples([40, 17, 63, 25])
     peft_lora = _cuda_module(loss_chunk_size=16)  # peft's own LoRA forward, eager
-    fast, compiled = (_cuda_module(loss_chunk_size=16, fast_lora=True, compile=c) for c in (0, 1))
+    fast, compiled = (
+        _cuda_module(loss_chunk_size=16, fast_lora=True, compile=c) for c in (False, True)
+    )
     for batch in (pack_examples(examples), _padded(examples)):
         ref = _cuda_loss_and_grads(peft_lora, batch)
         _assert_close(_cuda_loss_and_grads(fast, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
