@@ -11,9 +11,7 @@ the rest of it (dtype casts, LoRA dropout) with no extra package, on CUDA and th
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 
-import torch
 from torch import nn
 
 
@@ -95,18 +93,3 @@ def compile_decoder_layers(model: nn.Module) -> int:
 
 def _causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def cudnn_attention_off() -> Callable[[], None]:
-    """Turn off PyTorch's cuDNN backend of ``scaled_dot_product_attention``; returns the undo.
-
-    Given a padding mask on a Hopper GPU, SDPA picks cuDNN attention, which spends 1.4-2 ms of
-    host time per call on shapes it has not seen: with batches padded to their longest example,
-    every step has a new shape, and at the original's batch of 2 that was 150 ms of a 460 ms
-    step on an H100 (``benchmarks/profile_train.py --shape b2``). FlashAttention and the
-    memory-efficient kernel take over, with microseconds of host time. Packed batches never use
-    SDPA (``lit_cats.packing``), so they are unaffected.
-    """
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    return lambda: torch.backends.cuda.enable_cudnn_sdp(before)

@@ -21,7 +21,7 @@ from lit_cats.distributed import average_tokens_across_ranks
 from lit_cats.formatting import label_token_count
 from lit_cats.generation import GenerationSettings, generate
 from lit_cats.inference import LATEST, apply_adapter, resolve_adapter
-from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers, cudnn_attention_off
+from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers
 from lit_cats.loading import experiment_dir, hub_errors, load_tokenizer, resolve_pretrained
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
@@ -353,18 +353,8 @@ class QLoRAModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------- reporting
     def on_fit_start(self) -> None:
-        self._restore_cudnn_attention = cudnn_attention_off()  # for this fit only
         if self.trainer.is_global_zero:
             rank_zero_info(self._start_report())
-
-    def on_fit_end(self) -> None:
-        self._restore_cudnn_attention()
-
-    def on_predict_start(self) -> None:
-        self._restore_cudnn_attention = cudnn_attention_off()  # every decoding step is a new shape
-
-    def on_predict_end(self) -> None:
-        self._restore_cudnn_attention()
 
     def on_train_end(self) -> None:
         """Save the final adapter into the run folder (and ``output_dir``), on rank zero."""

@@ -277,10 +277,10 @@ def test_liger_kernels_equal_the_plain_path_on_gpu():
 
 
 # ------------------------------------------------------------------------------ torch.compile
-def _compiled_graphs_and_breaks() -> tuple[int, int]:
+def _compiled_graphs_and_breaks() -> tuple[int, dict[str, int]]:
     from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
 
 def test_compile_and_liger_are_alternatives():
@@ -332,19 +332,3 @@ def test_compiled_layers_equal_eager_layers_on_gpu():
         assert new_graphs > graphs and new_breaks == breaks
         _assert_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
     torch._dynamo.reset()
-
-
-def test_cudnn_attention_is_off_during_fit_and_predict_then_restored():
-    import types
-
-    module = QLoRAModule(TINY_MODEL_ID)
-    module._trainer = types.SimpleNamespace(is_global_zero=False)
-    assert torch.backends.cuda.cudnn_sdp_enabled()
-    for start, end in [
-        (module.on_fit_start, module.on_fit_end),
-        (module.on_predict_start, module.on_predict_end),
-    ]:
-        start()
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-        end()
-        assert torch.backends.cuda.cudnn_sdp_enabled()
