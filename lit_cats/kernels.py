@@ -86,9 +86,26 @@ def compile_decoder_layers(model: nn.Module) -> int:
             "model.compile=true on the CPU needs a C++ compiler for torch.compile's generated "
             "code (e.g. apt install g++); install one or set --model.compile false."
         )
+    _refuse_liger_rope(model)
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def _refuse_liger_rope(model: nn.Module) -> None:
+    """Liger's rotary kernel, once applied, is Phi-3's for the whole process; Dynamo cannot
+    trace it, and every compiled layer would break its graph there (seen on an H100)."""
+    if getattr(getattr(model, "config", None), "model_type", None) != "phi3":
+        return
+    from transformers.models.phi3 import modeling_phi3
+
+    rope = getattr(modeling_phi3, "apply_rotary_pos_emb", None)
+    if "liger" in getattr(rope, "__module__", ""):
+        raise ValueError(
+            "model.compile=true cannot trace Liger's rotary kernel, which an earlier "
+            "model.liger_kernels=true model installed for every Phi-3 in this process. "
+            "Compile in a fresh process, or keep liger_kernels and set compile false."
+        )
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

@@ -269,7 +269,11 @@ def _cuda_loss_and_grads(module: QLoRAModule, batch: dict) -> tuple[float, dict]
 
 
 @pytest.mark.gpu
-def test_liger_kernels_equal_the_plain_path_on_gpu():
+def test_liger_kernels_equal_the_plain_path_on_gpu(monkeypatch):
+    from transformers.models.phi3 import modeling_phi3
+
+    # Liger rebinds Phi-3's rotary function for the process; give it back after this test.
+    monkeypatch.setattr(modeling_phi3, "apply_rotary_pos_emb", modeling_phi3.apply_rotary_pos_emb)
     batch = _padded(_examples([40, 17, 63, 25]))
     ref = _cuda_loss_and_grads(_cuda_module(), batch)
     got = _cuda_loss_and_grads(_cuda_module(liger_kernels=True), batch)
@@ -286,6 +290,18 @@ def _compiled_graphs_and_breaks() -> tuple[int, dict[str, int]]:
 def test_compile_and_liger_are_alternatives():
     with pytest.raises(ValueError, match="alternatives"):
         QLoRAModule(TINY_MODEL_ID, compile=True, liger_kernels=True)
+
+
+def test_compile_refuses_a_process_where_liger_rope_is_installed(monkeypatch):
+    from transformers.models.phi3 import modeling_phi3
+
+    def liger_rotary_pos_emb(*args):  # stands in for Liger's (CUDA-only) kernel
+        raise AssertionError("not called")
+
+    liger_rotary_pos_emb.__module__ = "liger_kernel.ops.rope"
+    monkeypatch.setattr(modeling_phi3, "apply_rotary_pos_emb", liger_rotary_pos_emb)
+    with pytest.raises(ValueError, match="fresh process"):
+        QLoRAModule(TINY_MODEL_ID, compile=True).configure_model()
 
 
 def test_compiled_layers_equal_eager_layers():
