@@ -90,7 +90,16 @@ def main(argv: list[str] | None = None) -> None:
             step(b)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events) / 3
+    # Kernels only (device-side events): an op's row repeats its kernels' time.
+    device = torch.autograd.DeviceType.CUDA
+    kernel_us = (
+        sum(
+            e.self_device_time_total
+            for e in events
+            if e.device_type == device and not e.is_user_annotation
+        )
+        / 3
+    )
     print(
         f"shape {args.shape} ({'plain' if args.plain else 'fast'}, GC {not args.no_gc}, "
         f"compile {args.compile}, liger {args.liger}): "
