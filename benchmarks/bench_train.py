@@ -631,7 +631,8 @@ def table(rows: list[dict[str, Any]], baseline: str | None) -> str:
                 f"| {r['run']} | {r['what']} | {r['workload']} | failed: {r['error']} ||||||"
             )
             continue
-        ratio = f"{r['tok_s'] / base['tok_s']:.1f}x" if base else "-"
+        same_work = base is not None and base["workload"] == r["workload"]
+        ratio = f"{r['tok_s'] / base['tok_s']:.1f}x" if same_work else "-"
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") is not None else "-"
         alloc = f"{r['peak_alloc_gib']:.2f}" if "peak_alloc_gib" in r else "-"
         reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
