@@ -8,8 +8,7 @@ step into one row of up to ``max_tokens`` tokens, with no padding at all:
   as they would alone;
 - attention stays inside each example: variable-length FlashAttention over the cumulative
   sequence lengths ``cu_seq_lens`` on CUDA (``torch.nn.attention.varlen``), one causal SDPA call
-  per example elsewhere (tests, CPU), or one SDPA call under a block-diagonal mask inside
-  ``torch.compile``d layers;
+  per example elsewhere (tests, CPU: a custom op, so ``torch.compile``d layers keep it whole);
 - the first token of every example carries no label, so no example learns to predict the next
   example's first token, and the mean loss equals the unpacked batch's loss over the same tokens.
 
@@ -199,20 +198,79 @@ def _segmented_sdpa(
     return torch.cat(outs)
 
 
-def _block_causal_sdpa(
+# The per-example loop reads the boundaries on the host, which torch.compile cannot trace; as a
+# custom op it is one opaque node in a compiled layer's graph (as the CUDA varlen kernel is).
+@torch.library.custom_op("lit_cats::segmented_causal_attention", mutates_args=())
+def segmented_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """The same computation as one SDPA call under a block-diagonal causal ``T x T`` mask.
+    """Causal attention inside each example of a packed ``(total, heads, dim)`` row."""
+    return _segmented_sdpa(q, k, v, cu, scale)
 
-    No data-dependent shapes or host syncs, so ``torch.compile`` traces it whole; used off CUDA
-    inside compiled layers (the per-example loop above needs the boundaries on the host).
+
+@segmented_causal_attention.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("lit_cats::segmented_causal_attention_backward", mutates_args=())
+def _segmented_attention_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`segmented_causal_attention`, recomputed per example (fp32 at least).
+
+    Written out (autograd does not run inside a custom op): ``P = softmax(q k^T s)``,
+    ``dV = P^T dO``, ``dS = P * (dO v^T - rowsum(dO * O))``, ``dQ = dS k s``, ``dK = dS^T q s``.
     """
-    idx = torch.arange(q.shape[0], device=q.device)
-    example = torch.searchsorted(cu[1:].to(torch.long), idx, right=True)
-    mask = (example[:, None] == example[None, :]) & (idx[None, :] <= idx[:, None])
-    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, total, dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    work = torch.promote_types(q.dtype, torch.float32)
+    for start, end in itertools.pairwise(cu.tolist()):
+        # (len, heads, dim) -> (heads, len, dim), in fp32 at least
+        qs, ks, vs, gs = (t[start:end].transpose(0, 1).to(work) for t in (q, k, v, grad))
+        n = end - start
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~causal, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = probs @ vs
+        d_scores = probs * (gs @ vs.transpose(1, 2) - (gs * out).sum(-1, keepdim=True))
+        dq[start:end] = (d_scores @ ks * scale).transpose(0, 1).to(dq.dtype)
+        dk[start:end] = (d_scores.transpose(1, 2) @ qs * scale).transpose(0, 1).to(dk.dtype)
+        dv[start:end] = (probs.transpose(1, 2) @ gs).transpose(0, 1).to(dv.dtype)
+    return dq, dk, dv
+
+
+@_segmented_attention_backward.register_fake
+def _(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    q, k, v, cu, scale = inputs
+    ctx.save_for_backward(q, k, v, cu)
+    ctx.scale = scale
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, cu = ctx.saved_tensors
+    dq, dk, dv = _segmented_attention_backward(grad.contiguous(), q, k, v, cu, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+segmented_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def varlen_attention_forward(
@@ -267,10 +325,8 @@ def varlen_attention_forward(
     q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = _flash_varlen(q, k, v, cu, int(max_len), scale)
-    elif torch.compiler.is_compiling():
-        out = _block_causal_sdpa(q, k, v, cu, scale)
     else:
-        out = _segmented_sdpa(q, k, v, cu, scale)
+        out = segmented_causal_attention(q, k, v, cu, scale)
     return out.unsqueeze(0), None
 
 
