@@ -247,6 +247,29 @@ def test_fast_config_trains_the_tiny_model_on_cpu(run_dir):
     assert (adapter / "adapter_model.safetensors").exists()
 
 
+def test_compiled_fit_from_the_cli_resumes_and_saves_a_plain_adapter(run_dir):
+    """``--model.compile true`` end to end: fit, checkpoint, resume, and a loadable adapter."""
+    import torch._dynamo
+    from safetensors.torch import load_file
+
+    torch._dynamo.reset()
+    args = ("--config", str(CONFIGS / "fast.yaml"), "--model.compile", "true")
+    args += ("--data.max_tokens_per_batch", "2048", "--trainer.limit_val_batches", "0")
+    graphs, breaks = _compiled_graphs_and_breaks()
+    main(tiny_fit_args(*args, "--trainer.max_steps", "2"))
+    new_graphs, new_breaks = _compiled_graphs_and_breaks()
+    assert new_graphs > graphs and new_breaks == breaks  # the layers compiled, whole
+    main(tiny_fit_args(*args, "--trainer.max_steps", "4", "--ckpt_path", "last"))
+    assert _compiled_graphs_and_breaks()[1] == breaks
+    runs = run_dir / "logs" / "tiny-cats"
+    ckpt = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4  # resumed at 2, not restarted
+    assert all("lora_" in key and "_orig_mod" not in key for key in ckpt["state_dict"])
+    weights = load_file(runs / "version_1" / "adapter" / "adapter_model.safetensors")
+    assert weights and all("_orig_mod" not in key for key in weights)
+    torch._dynamo.reset()
+
+
 def test_varlen_name_is_stable():
     assert VARLEN_ATTENTION == "lit_cats_varlen"
 
