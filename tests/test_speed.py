@@ -10,6 +10,8 @@ compiled layers (Inductor fuses bf16 elementwise work): the same bounds (4.8e-5,
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import CONFIGS, tiny_fit_args
@@ -25,6 +27,13 @@ from lit_cats.packing import (
     varlen_attention_forward,
 )
 from lit_cats.tiny import TINY_MODEL_ID, tiny_model_path
+
+#: torch.compile's CPU code is C++: without a compiler, model.compile refuses with the fix, and
+#: the tests that compile on the CPU cannot run.
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
 
 
 def _examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
@@ -247,6 +256,7 @@ def test_fast_config_trains_the_tiny_model_on_cpu(run_dir):
     assert (adapter / "adapter_model.safetensors").exists()
 
 
+@needs_cxx
 def test_compiled_fit_from_the_cli_resumes_and_saves_a_plain_adapter(run_dir):
     """``--model.compile true`` end to end: fit, checkpoint, resume, and a loadable adapter."""
     import torch._dynamo
@@ -334,6 +344,12 @@ def test_compile_and_liger_are_alternatives():
         QLoRAModule(TINY_MODEL_ID, compile=True, liger_kernels=True)
 
 
+def test_compile_on_a_cpu_without_a_cxx_compiler_names_the_fix(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        QLoRAModule(TINY_MODEL_ID, compile=True).configure_model()
+
+
 def test_compile_refuses_a_process_where_liger_rope_is_installed(monkeypatch):
     from transformers.models.phi3 import modeling_phi3
 
@@ -346,6 +362,7 @@ def test_compile_refuses_a_process_where_liger_rope_is_installed(monkeypatch):
         QLoRAModule(TINY_MODEL_ID, compile=True).configure_model()
 
 
+@needs_cxx
 def test_compiled_layers_equal_eager_layers():
     """Packed (block-causal attention inside the graph) and padded batches, GC on."""
     import torch._dynamo
