@@ -10,8 +10,11 @@ the rest of it (dtype casts, LoRA dropout) with no extra package, on CUDA and th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -106,6 +109,21 @@ def _refuse_liger_rope(model: nn.Module) -> None:
             "model.liger_kernels=true model installed for every Phi-3 in this process. "
             "Compile in a fresh process, or keep liger_kernels and set compile false."
         )
+
+
+@contextlib.contextmanager
+def eager_layers() -> Iterator[None]:
+    """Run compiled layers as plain eager code inside this block (validation, generation).
+
+    The layers are compiled for the training step. Evaluation (no grad) and decoding with a KV
+    cache (a new cache state at every position) would each compile new graphs: up to a minute
+    apiece on a GPU, and past Dynamo's recompile limit within a few sampled generations.
+    """
+    if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: nothing to switch
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

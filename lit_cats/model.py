@@ -21,7 +21,7 @@ from lit_cats.distributed import average_tokens_across_ranks
 from lit_cats.formatting import label_token_count
 from lit_cats.generation import GenerationSettings, generate
 from lit_cats.inference import LATEST, apply_adapter, resolve_adapter
-from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers
+from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers, eager_layers
 from lit_cats.loading import experiment_dir, hub_errors, load_tokenizer, resolve_pretrained
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
@@ -278,7 +278,8 @@ class QLoRAModule(L.LightningModule):
             self._attn_to_restore = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self.model(**batch).loss
+        with eager_layers():  # compiled layers are for training steps (lit_cats.kernels)
+            loss = self.model(**batch).loss
         # Weight by label tokens so the epoch value is the mean per-token loss, not per-batch.
         self.val_loss.update(loss, weight=label_token_count(batch["labels"]))
 

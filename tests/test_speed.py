@@ -264,11 +264,14 @@ def test_compiled_fit_from_the_cli_resumes_and_saves_a_plain_adapter(run_dir):
 
     torch._dynamo.reset()
     args = ("--config", str(CONFIGS / "fast.yaml"), "--model.compile", "true")
-    args += ("--data.max_tokens_per_batch", "2048", "--trainer.limit_val_batches", "0")
+    args += ("--data.max_tokens_per_batch", "2048", "--trainer.val_check_interval", "1")
     graphs, breaks = _compiled_graphs_and_breaks()
-    main(tiny_fit_args(*args, "--trainer.max_steps", "2"))
+    main(tiny_fit_args(*args, "--trainer.max_steps", "2"))  # validates and samples twice
     new_graphs, new_breaks = _compiled_graphs_and_breaks()
-    assert new_graphs > graphs and new_breaks == breaks  # the layers compiled, whole
+    assert new_breaks == breaks  # the layers compiled whole...
+    # ...once, for the training step: validation and sampled generations ran them eagerly
+    # (decoding alone would compile a graph per KV-cache state, past Dynamo's limit).
+    assert new_graphs == graphs + 1
     main(tiny_fit_args(*args, "--trainer.max_steps", "4", "--ckpt_path", "last"))
     assert _compiled_graphs_and_breaks()[1] == breaks
     runs = run_dir / "logs" / "tiny-cats"
