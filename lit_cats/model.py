@@ -85,7 +85,8 @@ class QLoRAModule(L.LightningModule):
             (``lit_cats.kernels``; CUDA and the ``liger-kernel`` package needed).
         compile: ``torch.compile`` each decoder layer for training (``lit_cats.kernels``):
             the elementwise work between the matmuls fused, far fewer kernel launches. The
-            first steps pay about a minute of compilation.
+            first steps pay about a minute of compilation. Validation and generation run the
+            layers eagerly (``lit_cats.kernels.eager_layers``).
         adapter: Trained adapter to load instead of training a new one, for ``predict`` (and
             ``validate``/``test``): ``"latest"`` (the newest ``adapter/`` of this experiment's
             runs), an adapter or run folder, or a Hub id. ``None`` predicts with the base alone
