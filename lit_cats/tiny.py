@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
@@ -170,16 +171,29 @@ def tiny_model_path(cache_dir: str | Path | None = None) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder from an older build
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-"))
         try:
             tokenizer = build_tiny_tokenizer()
             tokenizer.save_pretrained(tmp)
-            build_tiny_model(tokenizer).save_pretrained(tmp)
+            _save_model(build_tiny_model(tokenizer), tmp)
             (tmp / "lit_cats.json").write_text(json.dumps({"fingerprint": target.name}))
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _save_model(model: Phi3ForCausalLM, folder: Path) -> None:
+    """``save_pretrained``'s files, written on every process.
+
+    Inside a torch.distributed job ``save_pretrained`` writes only on rank 0: a DDP rank that
+    built the tiny model first would cache a folder with a tokenizer and no model.
+    """
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -59,3 +59,19 @@ def test_building_does_not_touch_the_global_rng(tmp_path):
     state = torch.random.get_rng_state()
     tiny_model_path(tmp_path / "fresh")
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_ddp_rank_other_than_zero_builds_a_complete_model(tmp_path, monkeypatch):
+    """Inside a torch.distributed job save_pretrained writes only on rank 0; whichever rank
+    builds the tiny model first must still cache the whole model (seen under fast + DDP)."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    (tmp_path / f"{tiny_model_path(tmp_path / 'ref').name}").mkdir()  # a broken older build
+    path = tiny_model_path(tmp_path)
+    monkeypatch.undo()
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= names
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_path(tmp_path / "ref"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
