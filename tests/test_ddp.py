@@ -301,3 +301,16 @@ def test_a_checkpoint_at_the_end_of_an_epoch_does_not_skip_the_next(tiny_path):
     everything = _batches(loader)
     loader.load_state_dict(loader.state_dict())  # served the whole epoch
     assert _batches(loader) == everything
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_compiled_layers_and_packing(run_dir):
+    """fast.yaml + ddp.yaml + model.compile: packed batches sharded by rank, layers compiled."""
+    args = ("--config", str(CONFIGS / "fast.yaml"), "--config", str(CONFIGS / "ddp.yaml"))
+    args += ("--model.compile", "true", "--data.max_tokens_per_batch", "2048")
+    out = _lit_cats_ddp(
+        run_dir, *args, "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1"
+    )
+    assert "recompile_limit" not in out and "Graph break" not in out
+    run = run_dir / "logs" / "tiny-cats" / "version_0"
+    assert _adapter(run) and _scalars(run, "train_loss")
