@@ -41,41 +41,38 @@ EXISTENTIAL_WORDS = (
 _WORD = re.compile(r"[\w']+")
 
 
-class StoppedShare(Metric):
+class _MeanPerAnswer(Metric):
+    """Mean of a per-answer value over every answer seen (0 before any); summed across ranks."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.add_state("value_sum", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("answers", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def _add(self, values: Sequence[float]) -> None:
+        self.value_sum += float(sum(values))
+        self.answers += len(values)
+
+    def compute(self) -> torch.Tensor:
+        return self.value_sum / self.answers.clamp(min=1)
+
+
+class StoppedShare(_MeanPerAnswer):
     """Share of answers that ended with a stop token before the token limit."""
 
     higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.add_state("stopped", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, stopped: Sequence[bool]) -> None:
-        self.stopped += sum(bool(s) for s in stopped)
-        self.total += len(stopped)
-
-    def compute(self) -> torch.Tensor:
-        return self.stopped / self.total.clamp(min=1)
+        self._add([bool(s) for s in stopped])
 
 
-class MeanAnswerLength(Metric):
+class MeanAnswerLength(_MeanPerAnswer):
     """Mean number of generated tokens per answer (the end marker included)."""
 
-    full_state_update = False
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.add_state("tokens", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
-
     def update(self, num_tokens: Sequence[int]) -> None:
-        self.tokens += float(sum(num_tokens))
-        self.total += len(num_tokens)
-
-    def compute(self) -> torch.Tensor:
-        return self.tokens / self.total.clamp(min=1)
+        self._add(num_tokens)
 
 
 class DistinctN(Metric):
@@ -113,7 +110,7 @@ class DistinctN(Metric):
         return torch.unique(grams).numel() / torch.tensor(float(grams.numel()), device=self.device)
 
 
-class VocabularyShare(Metric):
+class VocabularyShare(_MeanPerAnswer):
     """Share of answers that use at least one word (or phrase) of a vocabulary.
 
     Matching is case-insensitive on whole words; an entry ending in ``*`` matches any word that
@@ -124,20 +121,13 @@ class VocabularyShare(Metric):
     """
 
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, vocabulary: Sequence[str], **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.pattern = vocabulary_pattern(vocabulary)
-        self.add_state("hits", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, texts: Sequence[str]) -> None:
-        self.hits += sum(self.pattern.search(text) is not None for text in texts)
-        self.total += len(texts)
-
-    def compute(self) -> torch.Tensor:
-        return self.hits / self.total.clamp(min=1)
+        self._add([self.pattern.search(text) is not None for text in texts])
 
 
 class GenerationMetrics(MetricCollection):
