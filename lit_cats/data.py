@@ -19,6 +19,7 @@ from lit_cats.formatting import (
     IGNORE_INDEX,
     Format,
     detect_format,
+    format_columns,
     prompt_response_to_messages,
     tokenize_chat,
     tokenize_text,
@@ -193,20 +194,9 @@ class CatsDataModule(L.LightningDataModule):
 
     def _tokenize(self, raw: datasets.Dataset) -> datasets.Dataset:
         hp = self.hparams
-        fmt = detect_format(
-            raw.column_names,
-            hp.format,
-            hp.text_column,
-            hp.messages_column,
-            hp.prompt_column,
-            hp.response_column,
-        )
-        columns = {
-            "text": [hp.text_column],
-            "messages": [hp.messages_column],
-            "prompt_response": [hp.prompt_column, hp.response_column],
-        }[fmt]
-        for column in columns:
+        names = (hp.text_column, hp.messages_column, hp.prompt_column, hp.response_column)
+        fmt = detect_format(raw.column_names, hp.format, *names)
+        for column in format_columns(*names)[fmt]:
             validate_column(raw[column], column, fmt)
         tok, max_len, on_prompt = self.tokenizer, hp.max_seq_length, hp.train_on_prompt
 

@@ -32,6 +32,17 @@ def label_token_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def format_columns(
+    text_column: str, messages_column: str, prompt_column: str, response_column: str
+) -> dict[str, list[str]]:
+    """The columns each dataset shape reads."""
+    return {
+        "text": [text_column],
+        "messages": [messages_column],
+        "prompt_response": [prompt_column, response_column],
+    }
+
+
 def detect_format(
     columns: Sequence[str],
     requested: Format,
@@ -45,11 +56,7 @@ def detect_format(
     Raises:
         ValueError: If the needed columns are missing; names the columns that do exist.
     """
-    needed = {
-        "text": [text_column],
-        "messages": [messages_column],
-        "prompt_response": [prompt_column, response_column],
-    }
+    needed = format_columns(text_column, messages_column, prompt_column, response_column)
     if requested == "auto":
         for fmt in ("messages", "prompt_response", "text"):
             if all(c in columns for c in needed[fmt]):
