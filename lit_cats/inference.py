@@ -74,8 +74,11 @@ def load_base(
 ) -> PreTrainedModel:
     """Load a causal LM for inference, in eval mode, on ``device``.
 
-    Unlike training, nothing is upcast to fp32 (``prepare_model_for_kbit_training`` is for
-    training only): norms, embeddings and the head stay in ``dtype``, the fast choice.
+    Nothing is upcast to fp32 here (training's ``prepare_model_for_kbit_training`` does that
+    on top): norms, embeddings and the head stay in ``dtype``, the fast choice. The whole model
+    goes to ``device``: each process of a data-parallel job loads its own copy, where
+    ``device_map="auto"`` would shard one copy over every GPU and silently turn data
+    parallelism off (trl#921).
 
     Args:
         name_or_path: Hub id, local folder, or the reserved tiny model's name.
@@ -98,7 +101,7 @@ def load_base(
         kwargs["quantization_config"] = build_bnb_config(
             bnb_4bit_quant_type, bnb_4bit_use_double_quant, dtype
         )
-    hint = "pass a local folder saved with save_pretrained"
+    hint = "pass a local folder saved with save_pretrained instead of the Hub id"
     with hub_errors("model", name_or_path, hint):
         model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
     return model.eval()

@@ -15,24 +15,22 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from lit_cats.distributed import average_tokens_across_ranks
 from lit_cats.formatting import label_token_count
 from lit_cats.generation import GenerationSettings, generate
-from lit_cats.inference import LATEST, apply_adapter, resolve_adapter
+from lit_cats.inference import LATEST, apply_adapter, load_base, resolve_adapter
 from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers, eager_layers
-from lit_cats.loading import experiment_dir, hub_errors, load_tokenizer, resolve_pretrained
+from lit_cats.loading import experiment_dir, load_tokenizer
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
 from lit_cats.packing import is_packed, register_varlen_attention
 from lit_cats.prompts import Prompt
 from lit_cats.quant import (
-    build_bnb_config,
     build_lora_config,
     keep_cpu_4bit_weights_trainable,
     parse_dtype,
-    require_bitsandbytes,
     resolve_target_modules,
 )
 from lit_cats.schedules import WarmupLR
@@ -185,23 +183,16 @@ class QLoRAModule(L.LightningModule):
 
     def _load_base(self) -> torch.nn.Module:
         hp = self.hparams
-        path = resolve_pretrained(hp.model_name_or_path)
-        kwargs: dict[str, Any] = {
-            "dtype": parse_dtype(hp.bnb_4bit_compute_dtype),
-            "trust_remote_code": hp.trust_remote_code,
-            "attn_implementation": hp.attn_implementation,
-        }
-        if hp.load_in_4bit:
-            require_bitsandbytes()
-            kwargs["quantization_config"] = build_bnb_config(
-                hp.bnb_4bit_quant_type, hp.bnb_4bit_use_double_quant, hp.bnb_4bit_compute_dtype
-            )
-            # Each process loads its own copy on its own device: device_map="auto" would shard
-            # one copy over every GPU and silently turn data parallelism off (trl#921).
-            kwargs["device_map"] = {"": self._target_device()}
-        hint = "pass a local folder saved with save_pretrained as --model.model_name_or_path"
-        with hub_errors("model", hp.model_name_or_path, hint):
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return load_base(
+            hp.model_name_or_path,
+            hp.load_in_4bit,
+            hp.bnb_4bit_compute_dtype,
+            hp.bnb_4bit_quant_type,
+            hp.bnb_4bit_use_double_quant,
+            device=self._target_device(),
+            attn_implementation=hp.attn_implementation,
+            trust_remote_code=hp.trust_remote_code,
+        )
 
     def _target_device(self) -> torch.device:
         trainer = self._trainer
@@ -222,7 +213,7 @@ class QLoRAModule(L.LightningModule):
     def _load_for_inference(self) -> torch.nn.Module:
         """The base as trained (no fp32 upcasts, no checkpointing), with the adapter if any."""
         hp = self.hparams
-        base = self._load_base().eval()
+        base = self._load_base()
         if hp.adapter is None:
             rank_zero_info(f"Using {hp.model_name_or_path} without an adapter.")
             return base
