@@ -25,12 +25,13 @@ import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 
+from lit_cats.inference import ADAPTER_CONFIG, ADAPTER_DIRNAME
+
 log = logging.getLogger(__name__)
 
 UploadPlan = dict[str, Path]
 """What one commit uploads: path in the repo -> local file."""
 
-ADAPTER_DIRNAME = "adapter"
 CONFIG_FILENAME = "config.yaml"
 CARD_FILENAME = "README.md"
 CHECKPOINT_FOLDER = "last-checkpoint"
@@ -118,7 +119,7 @@ def summarize_run(
     """Read the base model, dataset and hyperparameters from the run's config and adapter."""
     config = _read_yaml(run_dir / CONFIG_FILENAME)
     model, data = _init_args(config.get("model")), _init_args(config.get("data"))
-    adapter_config = _read_json(adapter_dir / "adapter_config.json")
+    adapter_config = _read_json(adapter_dir / ADAPTER_CONFIG)
     trainer = config.get("trainer") or {}
     hyperparameters = {k: config[k] for k in ("seed_everything", "model", "data") if k in config}
     hyperparameters["trainer"] = {
@@ -369,10 +370,10 @@ def push_run(
         FileNotFoundError: If there is no adapter in the run folder.
     """
     run_dir = Path(path)
-    if (run_dir / "adapter_config.json").is_file():
+    if (run_dir / ADAPTER_CONFIG).is_file():
         run_dir = run_dir.parent
     adapter_dir = run_dir / ADAPTER_DIRNAME
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(
             f"No adapter in {adapter_dir} (adapter_config.json is missing). Pass a run folder "
             "written by `lit-cats fit` (e.g. logs/phi3-cats/version_0) whose training finished."

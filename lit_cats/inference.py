@@ -18,6 +18,8 @@ from lit_cats.quant import build_bnb_config, parse_dtype, require_bitsandbytes
 
 #: The adapter name that means "the newest adapter a fit wrote".
 LATEST = "latest"
+#: Where a fit saves its adapter (inside the run folder), and the file that marks an adapter.
+ADAPTER_DIRNAME = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -27,7 +29,7 @@ def find_latest_adapter(root: str | Path) -> Path:
     Raises:
         FileNotFoundError: If ``root`` holds no adapter, with what to do instead.
     """
-    found = newest_match(root, f"**/adapter/{ADAPTER_CONFIG}")
+    found = newest_match(root, f"**/{ADAPTER_DIRNAME}/{ADAPTER_CONFIG}")
     if found is None:
         raise FileNotFoundError(
             f"adapter 'latest': no adapter folder under {str(root)!r}, so no finished fit to "
@@ -50,7 +52,7 @@ def resolve_adapter(adapter: str, search_root: str | Path = "logs") -> str:
     if adapter == LATEST:
         return str(find_latest_adapter(search_root))
     path = Path(adapter).expanduser()
-    for candidate in (path, path / "adapter"):
+    for candidate in (path, path / ADAPTER_DIRNAME):
         if (candidate / ADAPTER_CONFIG).is_file():
             return str(candidate)
     if path.exists() or looks_like_path(adapter):

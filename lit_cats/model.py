@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_cats.distributed import average_tokens_across_ranks
 from lit_cats.formatting import label_token_count
 from lit_cats.generation import GenerationSettings, generate
-from lit_cats.inference import LATEST, apply_adapter, load_base, resolve_adapter
+from lit_cats.inference import ADAPTER_DIRNAME, LATEST, apply_adapter, load_base, resolve_adapter
 from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers, eager_layers
 from lit_cats.loading import experiment_dir, load_tokenizer
 from lit_cats.lora_fast import enable_fast_lora
@@ -355,7 +355,7 @@ class QLoRAModule(L.LightningModule):
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if not self.trainer.is_global_zero:
             return
-        folders = [run_dir / "adapter"]
+        folders = [run_dir / ADAPTER_DIRNAME]
         if self.hparams.output_dir:
             folders.append(Path(self.hparams.output_dir))
         for folder in folders:

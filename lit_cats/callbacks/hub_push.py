@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_cats.hub import (
+    ADAPTER_CONFIG,
     ADAPTER_DIRNAME,
     CARD_FILENAME,
     CHECKPOINT_FILENAME,
@@ -89,11 +90,8 @@ class HubPushCallback(L.Callback):
             )
         self.repo_id, self.strategy, self.private = repo_id, strategy, private
         self.revision, self.dry_run_dir = revision, dry_run_dir
-        self.max_retries, self.retry_backoff_s, self.timeout_s = (
-            max_retries,
-            retry_backoff_s,
-            timeout_s,
-        )
+        self.max_retries, self.retry_backoff_s = max_retries, retry_backoff_s
+        self.timeout_s = timeout_s
         self.enabled = enabled
         self._pusher: HubPusher | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -187,7 +185,7 @@ class HubPushCallback(L.Callback):
 
     def _submit_final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Future[str]:
         adapter_dir = self._run_dir / ADAPTER_DIRNAME
-        if not (adapter_dir / "adapter_config.json").is_file():
+        if not (adapter_dir / ADAPTER_CONFIG).is_file():
             # The module writes it in on_train_end; export it here if it did not, so the run
             # never ends without its adapter on disk.
             _save_adapter(pl_module, adapter_dir)
