@@ -99,10 +99,8 @@ def main(args: Sequence[str] | None = None) -> None:
         args=None if args is None else argv,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_kwargs={
-            "description": _DESCRIPTION
-        },  # the module's injected optimizer/scheduler decide
+        auto_configure_optimizers=False,  # the module's injected optimizer/scheduler decide
+        parser_kwargs={"description": _DESCRIPTION},
         trainer_defaults={
             "precision": "bf16-mixed",
             "logger": lazy_instance(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import shutil
 from collections.abc import Iterator
 
 import torch
@@ -75,8 +76,6 @@ def compile_decoder_layers(model: nn.Module) -> int:
     Raises:
         ValueError: If no decoder layers are found, or on a CPU without a C++ compiler.
     """
-    import shutil
-
     layers = getattr(_causal_lm(model).get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(
@@ -84,7 +83,7 @@ def compile_decoder_layers(model: nn.Module) -> int:
             f"none in {type(model).__name__}; set it to false."
         )
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+    if on_cpu and not has_cxx_compiler():
         raise ValueError(
             "model.compile=true on the CPU needs a C++ compiler for torch.compile's generated "
             "code (e.g. apt install g++); install one or set --model.compile false."
@@ -93,6 +92,11 @@ def compile_decoder_layers(model: nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def has_cxx_compiler() -> bool:
+    """Whether torch.compile can build its CPU code here (it generates and compiles C++)."""
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
 
 
 def _refuse_liger_rope(model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from conftest import CONFIGS, tiny_fit_args
 
 from lit_cats.cli import main
 from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.kernels import has_cxx_compiler
 from lit_cats.losses import chunked_causal_lm_loss
 from lit_cats.model import QLoRAModule
 from lit_cats.packing import (
@@ -31,8 +32,7 @@ from lit_cats.tiny import TINY_MODEL_ID, tiny_model_path
 #: torch.compile's CPU code is C++: without a compiler, model.compile refuses with the fix, and
 #: the tests that compile on the CPU cannot run.
 needs_cxx = pytest.mark.skipif(
-    not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
-    reason="torch.compile on the CPU needs a C++ compiler",
+    not has_cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler"
 )
 
 
