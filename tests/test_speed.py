@@ -53,8 +53,12 @@ def _padded(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     return collate(examples, pad_id=0)
 
 
-def _module(**kwargs) -> QLoRAModule:
+def _module(device: str = "cpu", **kwargs) -> QLoRAModule:
     module = QLoRAModule(TINY_MODEL_ID, lora_dropout=0.0, **kwargs)
+    if device == "cuda":
+        import lightning as L
+
+        module.trainer = L.Trainer(accelerator="gpu", devices=1, logger=False)  # loads on cuda:0
     tiny_model_path()  # built (seeding torch) before the seed below, never in between
     torch.manual_seed(0)  # the same LoRA A initialisation in every module compared
     module.configure_model()
@@ -62,20 +66,24 @@ def _module(**kwargs) -> QLoRAModule:
     with torch.no_grad():  # non-zero B, so gradients reach A and every path is exercised
         for name, p in module.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
     return module
 
 
 def _loss_and_grads(module: QLoRAModule, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    device = next(module.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     module.zero_grad()
     module.on_train_batch_start(batch, 0)
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = module._training_loss(batch)
         loss.backward()
     finally:
         module.on_train_batch_end(None, batch, 0)
-    grads = {n: p.grad.float().clone() for n, p in module.named_parameters() if p.requires_grad}
+    grads = {
+        n: p.grad.float().cpu().clone() for n, p in module.named_parameters() if p.requires_grad
+    }
     return loss.item(), grads
 
 
@@ -296,31 +304,7 @@ def test_liger_kernels_refuse_a_machine_without_them():
 
 
 def _cuda_module(**kwargs) -> QLoRAModule:
-    import lightning as L
-
-    module = QLoRAModule(TINY_MODEL_ID, lora_dropout=0.0, upcast_to_fp32=False, **kwargs)
-    module.trainer = L.Trainer(accelerator="gpu", devices=1, logger=False)  # loads on cuda:0
-    tiny_model_path()
-    torch.manual_seed(0)
-    module.configure_model()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
-    return module
-
-
-def _cuda_loss_and_grads(module: QLoRAModule, batch: dict) -> tuple[float, dict]:
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    module.zero_grad()
-    module.on_train_batch_start(batch, 0)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = module._training_loss(batch)
-    loss.backward()
-    module.on_train_batch_end(None, batch, 0)
-    grads = {n: p.grad.float().cpu() for n, p in module.named_parameters() if p.requires_grad}
-    return loss.item(), grads
+    return _module("cuda", **{"upcast_to_fp32": False, **kwargs})
 
 
 @pytest.mark.gpu
@@ -330,8 +314,8 @@ def test_liger_kernels_equal_the_plain_path_on_gpu(monkeypatch):
     # Liger rebinds Phi-3's rotary function for the process; give it back after this test.
     monkeypatch.setattr(modeling_phi3, "apply_rotary_pos_emb", modeling_phi3.apply_rotary_pos_emb)
     batch = _padded(_examples([40, 17, 63, 25]))
-    ref = _cuda_loss_and_grads(_cuda_module(), batch)
-    got = _cuda_loss_and_grads(_cuda_module(liger_kernels=True), batch)
+    ref = _loss_and_grads(_cuda_module(), batch)
+    got = _loss_and_grads(_cuda_module(liger_kernels=True), batch)
     _assert_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
 
 
@@ -402,10 +386,10 @@ def test_compiled_layers_equal_eager_layers_on_gpu():
         _cuda_module(loss_chunk_size=16, fast_lora=True, compile=c) for c in (False, True)
     )
     for batch in (pack_examples(examples), _padded(examples)):
-        ref = _cuda_loss_and_grads(peft_lora, batch)
-        _assert_close(_cuda_loss_and_grads(fast, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
+        ref = _loss_and_grads(peft_lora, batch)
+        _assert_close(_loss_and_grads(fast, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
         graphs, breaks = _compiled_graphs_and_breaks()
-        got = _cuda_loss_and_grads(compiled, batch)
+        got = _loss_and_grads(compiled, batch)
         new_graphs, new_breaks = _compiled_graphs_and_breaks()
         assert new_graphs > graphs and new_breaks == breaks
         _assert_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
