@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lit_cats.assets import SHIPPED_DATASET_ID
 from lit_cats.data import CatsDataModule
 from lit_cats.formatting import label_token_count
 from lit_cats.inference import adapter_base_model, apply_adapter, load_base, resolve_adapter
-from lit_cats.loading import load_tokenizer
 from lit_cats.quant import parse_dtype
 
 Batches = list[dict[str, torch.Tensor]]
@@ -92,8 +91,7 @@ def merge_adapter(
         )
     out = _output_dir(resolved, output_dir)
     target = _device(device)
-    tokenizer = load_tokenizer(base)
-    batches = check_batches(base, check_dataset, num_check_examples)
+    batches, tokenizer = check_batches(base, check_dataset, num_check_examples)
 
     # fp32 adapter weights (dtype=None): the update BA is computed in fp32 and rounded once.
     model = apply_adapter(
@@ -134,15 +132,19 @@ def merge_adapter(
     return report
 
 
-def check_batches(tokenizer_name: str, dataset: str, num_examples: int) -> Batches:
-    """The first ``num_examples`` examples of ``dataset``, tokenized as training does."""
+def check_batches(
+    tokenizer_name: str, dataset: str, num_examples: int
+) -> tuple[Batches, PreTrainedTokenizerBase]:
+    """The first ``num_examples`` examples of ``dataset``, tokenized as training does, and the
+    tokenizer that did it (the merged model is saved with it)."""
     if num_examples < 1:
         raise ValueError(f"num_check_examples must be >= 1, got {num_examples}.")
     data = CatsDataModule(dataset, tokenizer_name, val_size=0.0, max_seq_length=256)
     data.setup("validate")
     rows = data.train_dataset.select(range(min(num_examples, len(data.train_dataset))))
     examples = [rows[i] for i in range(len(rows))]
-    return [data.collate(examples[i : i + 4]) for i in range(0, len(examples), 4)]
+    batches = [data.collate(examples[i : i + 4]) for i in range(0, len(examples), 4)]
+    return batches, data.tokenizer
 
 
 @torch.inference_mode()
