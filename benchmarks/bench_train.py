@@ -62,8 +62,21 @@ PHI3_MINI = {
     "hidden_act": "silu",
 }
 
+
+def _fast_model_settings() -> dict[str, Any]:
+    """configs/fast.yaml's model settings that every fast run shares, read from the file.
+
+    Checkpointing, Liger, compile and the optimizer are each run's own (:class:`Run`).
+    """
+    import yaml
+
+    model = yaml.safe_load((REPO / "configs" / "fast.yaml").read_text())["model"]
+    own = ("gradient_checkpointing", "liger_kernels", "compile", "optimizer")
+    return {k: v for k, v in model.items() if k not in own}
+
+
 #: The fast settings of configs/fast.yaml, as keyword arguments.
-FAST_MODEL = {"loss_chunk_size": 1024, "fast_lora": True, "upcast_to_fp32": False}
+FAST_MODEL = _fast_model_settings()
 
 
 @dataclasses.dataclass
