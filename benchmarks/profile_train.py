@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import FAST_MODEL, build_random_phi3, make_workload
 
 
-def batches(shape: str, vocab: int) -> list[dict]:
+def batches(shape: str, vocab: int, pad_multiple: int = 1) -> list[dict]:
     """Ten batches of the requested shape from the short workload."""
     from lit_cats.data import collate
     from lit_cats.packing import TokenBudgetBatchSampler, pack_examples
@@ -32,7 +32,7 @@ def batches(shape: str, vocab: int) -> list[dict]:
     data = make_workload("short", vocab, 4000)
     examples = [{"input_ids": x, "labels": x} for x in data]
     if shape == "b2":
-        return [collate(examples[i : i + 2], pad_id=0) for i in range(0, 20, 2)]
+        return [collate(examples[i : i + 2], 0, pad_multiple) for i in range(0, 20, 2)]
     sampler = TokenBudgetBatchSampler([len(x) for x in data], 16384, seed=1)
     return [pack_examples([examples[i] for i in b]) for b in list(sampler)[:10]]
 
@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-gc", action="store_true")
     parser.add_argument("--compile", action="store_true", help="compiled decoder layers")
     parser.add_argument("--liger", action="store_true", help="Liger kernels")
+    parser.add_argument("--pad-multiple", type=int, default=1, help="b2: pad widths to this")
+    parser.add_argument(
+        "--cprofile", action="store_true", help="also the host's Python time per function"
+    )
     args = parser.parse_args(argv)
     from lit_cats.model import QLoRAModule
 
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data = [
         {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
-        for b in batches(args.shape, 32064)
+        for b in batches(args.shape, 32064, args.pad_multiple)
     ]
     for b in data[:4]:  # compiled layers compile here (static, then dynamic shapes)
         step(b)
@@ -107,6 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    if args.cprofile:  # where the host's time goes, by Python function (3 steps)
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as host:
+            for b in data[4:7]:
+                step(b)
+            torch.cuda.synchronize()
+        stats = pstats.Stats(host).strip_dirs()
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":
