@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lit_cats.nf4 import trace_nf4_layers
+
 
 def apply_liger_kernels(model: nn.Module) -> None:
     """Swap Phi-3's RMSNorm, SwiGLU MLP and rotary embedding for Liger's fused kernels.
@@ -68,9 +70,10 @@ def compile_decoder_layers(model: nn.Module) -> int:
     and the layers share one compiled graph, so the cost is one layer's compilation whatever
     the depth. Inductor fuses the elementwise work between the matmuls (norms, rotary
     embeddings, the SwiGLU gate, LoRA dropout, dtype casts, residual adds) into a few kernels,
-    and each layer runs as a handful of launches instead of hundreds of eager ops. bitsandbytes'
-    4-bit matmuls and the varlen attention are custom ops that stay as they are inside the
-    graph. The first steps pay the compilation (about a minute); shapes that vary from step to
+    and each layer runs as a handful of launches instead of hundreds of eager ops. The varlen
+    attention is a custom op inside the graph; so are bitsandbytes' 4-bit matmuls on large
+    steps, while on small ones (batch 2, where the host is the bottleneck) they are torch ops
+    that compile into one dequantization kernel each (:mod:`lit_cats.nf4`). The first steps pay the compilation (about a minute); shapes that vary from step to
     step (packed rows, padded batches) are compiled once more, as dynamic shapes.
 
     Raises:
@@ -90,6 +93,7 @@ def compile_decoder_layers(model: nn.Module) -> int:
         )
     _refuse_liger_rope(model)
     for layer in layers:
+        trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
         layer.compile(dynamic=True)
     return len(layers)
 

@@ -376,7 +376,8 @@ def test_compiled_layers_equal_eager_layers():
 def test_compiled_layers_equal_eager_layers_on_gpu():
     """Packed batches: the flash varlen kernel inside the compiled graph; padded: SDPA.
 
-    Against peft's LoRA forward: the fused one in place (eager) and as an add (compiled)."""
+    Against peft's LoRA forward and bitsandbytes' matmul: the fused LoRA update in place
+    (eager) and as ``addmm`` with the NF4 matmul as torch ops (compiled)."""
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -394,3 +395,63 @@ def test_compiled_layers_equal_eager_layers_on_gpu():
         assert new_graphs > graphs and new_breaks == breaks
         _assert_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
+def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested):
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from lit_cats.nf4 import dequantize_nf4
+
+    # 96 x 200: 300 blocks of 64, not a whole number of the 256-block absmax groups.
+    weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(0)).bfloat16()
+    packed, state = quantize_4bit(
+        weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
+    )
+    inner = state.state2 if nested else None
+    got = dequantize_nf4(
+        packed,
+        state.absmax,
+        state.code,
+        tuple(state.shape),
+        state.blocksize,
+        torch.bfloat16,
+        (inner.code, inner.absmax, state.offset, inner.blocksize) if nested else None,
+    )
+    assert torch.equal(got, dequantize_4bit(packed, state))
+
+
+def test_compiled_4bit_layer_has_no_bitsandbytes_call_and_the_same_gradients():
+    """In compiled code the NF4 matmul of a small step is torch ops (no Python dispatch through
+    bitsandbytes); large steps and eager calls keep bitsandbytes' own forward."""
+    from lit_cats.nf4 import MAX_TOKENS, trace_nf4_layers
+
+    module = _module(gradient_checkpointing=False)
+    layer = module.model.get_base_model().model.layers[0].mlp.down_proj.base_layer
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
+
+    def compiled_graph(fn, x: torch.Tensor = x) -> tuple[str, torch.Tensor, torch.Tensor]:
+        codes = []
+
+        def record(gm, example_inputs):  # the graph Dynamo captured, subgraphs included
+            codes.extend(m.code for m in gm.modules() if isinstance(m, torch.fx.GraphModule))
+            return gm.forward
+
+        torch._dynamo.reset()
+        xi = x.clone().requires_grad_()
+        out = torch.compile(fn, backend=record, fullgraph=True)(xi)
+        out.float().square().sum().backward()
+        torch._dynamo.reset()
+        return "\n".join(codes), out, xi.grad
+
+    bnb_code, ref_out, ref_grad = compiled_graph(layer)  # bitsandbytes' forward, traced
+    assert "ops.bitsandbytes" in bnb_code  # the check can see a bitsandbytes op
+    assert trace_nf4_layers(layer) == 1 and trace_nf4_layers(layer) == 1  # idempotent
+    code, out, grad = compiled_graph(layer)
+    assert "ops.bitsandbytes" not in code
+    torch.testing.assert_close(out, ref_out, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-2, atol=1e-2)
+    large = torch.randn(1, MAX_TOKENS + 1, layer.in_features)
+    assert "ops.bitsandbytes" in compiled_graph(layer, large)[0]
+    eager = layer(x)  # outside compiled code: bitsandbytes' own path, unchanged
+    torch.testing.assert_close(eager, layer._lit_cats_bnb_forward(x), rtol=0, atol=0)

@@ -1,0 +1,160 @@
+"""bitsandbytes' NF4 matmul written in plain torch ops, for compiled decoder layers.
+
+bitsandbytes runs each 4-bit matmul through Python: its ``gemm_4bit`` custom op dequantizes
+the weight (two kernels with double quantization) and calls ``linear``, and every step goes
+through the ``Params4bit`` tensor subclass. On an H100 that is ~185 us of host time per call,
+384 calls per checkpointed step (forward, recompute, backward): at batch 2 the GPU waits on it
+(profile in benchmarks/RESULTS.md). Inside a ``torch.compile``d layer the same arithmetic, as
+torch ops, becomes one generated dequantization kernel per matmul, launched from the compiled
+code with no Python in between.
+
+The arithmetic is bitsandbytes' own (``dequantize_4bit``): two 4-bit codes per byte, high
+nibble first, each looked up in the 16-value NF4 code and scaled by its block's absmax; with
+double quantization the absmax values are themselves 8-bit codes, scaled per block of 256 and
+offset. On the CPU the result is bit-identical to bitsandbytes' (tests/test_speed.py).
+
+The backward dequantizes again, as bitsandbytes does: only the packed weight is kept for it,
+never the 16-bit one. Weights in any other layout (FP4, other storage types, CPU-packed) keep
+bitsandbytes' path.
+
+Only steps of at most :data:`MAX_TOKENS` tokens take this path; larger ones are GPU-bound, where
+bitsandbytes' hand-written dequantization kernel is the faster one and frees each weight as soon
+as its matmul is done. Measured side by side on an H100 (benchmarks/RESULTS.md), compiled layers:
+batch 2 of short texts 0.226 -> 0.182 s/step; packed 16k-token steps 18,202 -> 17,884 tokens/s
+and 4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Largest step, in tokens, whose compiled 4-bit matmuls run as torch ops (see above).
+MAX_TOKENS = 2048
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    shape: tuple[int, int],
+    blocksize: int,
+    dtype: torch.dtype,
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """The ``shape`` weight that bitsandbytes packed into ``packed``, in ``dtype``.
+
+    Args:
+        packed: uint8 codes, two per byte (high nibble first).
+        absmax: Per-block scales: float, or uint8 codes when ``nested`` is given.
+        code: The 16 NF4 values.
+        shape: ``(out_features, in_features)``.
+        blocksize: Weights per absmax block.
+        dtype: Output dtype.
+        nested: ``(absmax_code, absmax_scale, offset, absmax_blocksize)`` of double quantization.
+    """
+    numel = shape[0] * shape[1]
+    flat = packed.reshape(-1)
+    codes = torch.stack(((flat >> 4) & 15, flat & 15), dim=-1).reshape(-1)[:numel]
+    if nested is not None:
+        absmax_code, absmax_scale, offset, absmax_blocksize = nested
+        group = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
+        scale = absmax_code[absmax.long()] * absmax_scale[group] + offset
+    else:
+        scale = absmax.float()
+    block = torch.arange(numel, device=packed.device) // blocksize
+    return (code[codes.long()] * scale[block]).reshape(shape).to(dtype)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x @ W.T + bias`` with W dequantized in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        code: torch.Tensor,
+        absmax_code: torch.Tensor | None,
+        absmax_scale: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        meta: tuple[tuple[int, int], int, int],
+    ) -> torch.Tensor:
+        shape, blocksize, absmax_blocksize = meta
+        nested = (
+            None if absmax_code is None else (absmax_code, absmax_scale, offset, absmax_blocksize)
+        )
+        weight = dequantize_nf4(packed, absmax, code, shape, blocksize, x.dtype, nested)
+        ctx.save_for_backward(packed, absmax, code, absmax_code, absmax_scale, offset)
+        ctx.meta = meta
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        packed, absmax, code, absmax_code, absmax_scale, offset = ctx.saved_tensors
+        shape, blocksize, absmax_blocksize = ctx.meta
+        nested = (
+            None if absmax_code is None else (absmax_code, absmax_scale, offset, absmax_blocksize)
+        )
+        weight = dequantize_nf4(packed, absmax, code, shape, blocksize, grad.dtype, nested)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad @ weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _supported(layer: nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    return (
+        state is not None
+        and state.quant_type == "nf4"
+        and weight.dtype == torch.uint8
+        and len(state.shape) == 2
+        and not getattr(state, "packing_format_for_cpu", False)
+    )
+
+
+def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    tokens = x.numel() // x.shape[-1]  # a guard under dynamic shapes: one graph per side
+    if not torch.compiler.is_compiling() or not _supported(self) or tokens > MAX_TOKENS:
+        return self._lit_cats_bnb_forward(x)
+    state = self.weight.quant_state
+    compute = self.compute_dtype or x.dtype
+    bias = None if self.bias is None else self.bias.to(compute)
+    nested = state.state2 if state.nested else None
+    out = _NF4Linear.apply(
+        x.to(compute),
+        bias,
+        self.weight,
+        state.absmax,
+        state.code,
+        None if nested is None else nested.code,
+        None if nested is None else nested.absmax,
+        None if nested is None else state.offset,
+        (tuple(state.shape), state.blocksize, 0 if nested is None else nested.blocksize),
+    )
+    return out.to(x.dtype)
+
+
+def trace_nf4_layers(module: nn.Module) -> int:
+    """Let compiled code see through every bitsandbytes 4-bit linear layer in ``module``.
+
+    Eager calls keep bitsandbytes' own forward; only code being compiled takes the torch-op
+    path. Idempotent; parameters and state dict are unchanged. Returns how many layers.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, Linear4bit):
+            if not hasattr(layer, "_lit_cats_bnb_forward"):
+                layer._lit_cats_bnb_forward = layer.forward
+                layer.forward = types.MethodType(_nf4_forward, layer)
+            count += 1
+    return count
