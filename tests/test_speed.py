@@ -398,13 +398,14 @@ def test_compiled_layers_equal_eager_layers_on_gpu():
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
-def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested):
+def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested, device="cpu"):
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     from lit_cats.nf4 import dequantize_nf4
 
     # 96 x 200: 300 blocks of 64, not a whole number of the 256-block absmax groups.
     weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(0)).bfloat16()
+    weight = weight.to(device)
     packed, state = quantize_4bit(
         weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
     )
@@ -419,6 +420,11 @@ def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested):
         (inner.code, inner.absmax, state.offset, inner.blocksize) if nested else None,
     )
     assert torch.equal(got, dequantize_4bit(packed, state))
+
+
+@pytest.mark.gpu
+def test_nf4_dequantization_is_bitsandbytes_cuda_kernel_bit_for_bit():
+    test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested=True, device="cuda")
 
 
 def test_compiled_4bit_layer_has_no_bitsandbytes_call_and_the_same_gradients():
