@@ -29,6 +29,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from lit_cats.nf4 import fused_lora_linear
+
 
 def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     active = self.active_adapters
@@ -49,9 +51,13 @@ def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
     if not torch.is_autocast_enabled(x.device.type):  # peft computes LoRA in its weights' dtype
         h = h.to(lora_a.dtype)
     low_rank = torch.nn.functional.linear(h, lora_a)  # (..., r)
+    x_2d, low_rank = x.reshape(-1, x.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1])
+    fused = fused_lora_linear(self.base_layer, x_2d, low_rank, lora_b, scaling)
+    if fused is not None:  # compiled, large step, 4-bit base: the update added in place
+        return fused.view(*x.shape[:-1], fused.shape[-1])
     # 2-D in, so the base output is a fresh matrix (not a view) that addmm_ may update in place.
-    result = self.base_layer(x.reshape(-1, x.shape[-1]))
-    low_rank = low_rank.reshape(-1, low_rank.shape[-1]).to(result.dtype)
+    result = self.base_layer(x_2d)
+    low_rank = low_rank.to(result.dtype)
     b_t = lora_b.t().to(result.dtype)
     if result._base is None and not torch.compiler.is_compiling():
         result.addmm_(low_rank, b_t, alpha=scaling)

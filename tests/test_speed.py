@@ -461,3 +461,72 @@ def test_compiled_4bit_layer_has_no_bitsandbytes_call_and_the_same_gradients():
     assert "ops.bitsandbytes" in compiled_graph(layer, large)[0]
     eager = layer(x)  # outside compiled code: bitsandbytes' own path, unchanged
     torch.testing.assert_close(eager, layer._lit_cats_bnb_forward(x), rtol=0, atol=0)
+
+
+def _lora_op_inputs(requires_grad: bool = True):
+    module = _module(gradient_checkpointing=False)
+    lora = module.model.get_base_model().model.layers[0].self_attn.qkv_proj
+    base, state = lora.base_layer, lora.base_layer.weight.quant_state
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, base.in_features, generator=gen).bfloat16().requires_grad_(requires_grad)
+    low = torch.randn(7, 8, generator=gen).bfloat16().requires_grad_(requires_grad)
+    b = torch.randn(base.out_features, 8, generator=gen).requires_grad_(requires_grad)
+    inner = state.state2
+    args = (x, low, b, 2.0, base.weight, state.absmax, inner.absmax, inner.code, state.offset,
+            list(state.shape), state.blocksize)  # fmt: skip
+    return base, args
+
+
+def test_4bit_lora_op_is_bitsandbytes_matmul_plus_the_update():
+    """The custom op of large compiled steps: forward and gradients of x, low-rank input and B
+    equal bitsandbytes' matmul plus ``scaling * low @ B.T`` under autograd."""
+    from lit_cats.nf4 import linear_4bit_lora
+
+    base, args = _lora_op_inputs()
+    x, low, b, scaling = args[:4]
+    torch.library.opcheck(linear_4bit_lora, args)  # schema, fake kernel, autograd registration
+    got = linear_4bit_lora(*args)
+    got.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (x, low, b)]
+    for t in (x, low, b):
+        t.grad = None
+    ref = base(x) + scaling * (low @ b.t().bfloat16())
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    for g, t in zip(grads, (x, low, b), strict=True):
+        assert _rel(g, t.grad) < 2e-2
+
+
+@needs_cxx
+def test_compiled_large_steps_add_lora_in_place_and_match_eager():
+    """A packed step above nf4.MAX_TOKENS: bitsandbytes' matmul with the LoRA update as one op
+    (no copy of the output) inside the compiled layers; the same loss and gradients as eager."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    from lit_cats.nf4 import MAX_TOKENS
+
+    torch._dynamo.reset()
+    settings = {"loss_chunk_size": 512, "fast_lora": True, "upcast_to_fp32": False}
+    eager, compiled = _module(**settings), _module(compile=True, **settings)
+    examples = _examples([300] * (MAX_TOKENS // 300 + 1))
+    batch = pack_examples(examples)
+    (got, code) = run_and_get_code(_loss_and_grads, compiled, batch)
+    assert "linear_4bit_lora" in "\n".join(code)
+    _assert_close(got, _loss_and_grads(eager, batch), loss_tol=1e-3, grad_tol=5e-2)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_compiled_large_steps_match_peft_on_gpu():
+    """Above nf4.MAX_TOKENS on CUDA: flash varlen and the in-place LoRA op inside the graph."""
+    import torch._dynamo
+
+    from lit_cats.nf4 import MAX_TOKENS
+
+    torch._dynamo.reset()
+    batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
+    ref = _loss_and_grads(_cuda_module(loss_chunk_size=512), batch)  # peft + bitsandbytes
+    compiled = _cuda_module(loss_chunk_size=512, fast_lora=True, compile=True)
+    _assert_close(_loss_and_grads(compiled, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
+    torch._dynamo.reset()
