@@ -8,11 +8,13 @@ alpha=scaling)``, in place, with no clone and no copy (the 4-bit matmul's autogr
 its inputs, not its output, so the result needs no protection; an out-of-place ``addmm`` would
 first copy the whole output, 43 ms of a 16k-token step on an H100).
 
-Inside a ``torch.compile``d layer (no in-place ops on graph intermediates) it is the
-out-of-place ``addmm``. Measured side by side in one process on an H100 (benchmarks/RESULTS.md)
-against ``result + scaling * (h @ B.T)``, which Inductor folds into the next elementwise kernel:
-the same speed (18,170 vs 18,307 tokens/s on packed short texts, within noise) and 0.11 GiB less
-peak memory at 4,096 tokens (3.97 vs 4.08 GiB), since no update tensor lives beside the output.
+Inside a ``torch.compile``d layer, where in-place updates of graph intermediates become copies:
+on large steps over a 4-bit base, the base matmul and the in-place update are one custom op
+(:func:`lit_cats.nf4.linear_4bit_lora`), so there is nothing to copy (H100, one process: 16k-token
+steps without checkpointing 26,671 -> 27,660 tokens/s). Elsewhere (small steps, other bases) it
+is the out-of-place ``addmm``, chosen over ``result + scaling * (h @ B.T)`` (which Inductor folds
+into the next elementwise kernel) before that op existed: the same speed on 16k-token steps and
+0.11 GiB less peak memory at 4,096 tokens, as no update tensor lives beside the output.
 
 Same function, same parameters, same dropout; only rounding differs (the update is added in the
 GEMM's fp32 accumulator instead of after a round to bf16). Layers in any other state (adapters
