@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import types
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lit_cats.nf4 import trace_nf4_layers
 
@@ -96,8 +98,35 @@ def compile_decoder_layers(model: nn.Module) -> int:
     _refuse_liger_rope(model)
     for layer in layers:
         trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
+        checkpoint_inside(layer)
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def checkpoint_inside(layer: nn.Module) -> bool:
+    """Move a decoder layer's gradient checkpointing inside its (to be) compiled forward.
+
+    transformers checkpoints around the layer's ``__call__`` (before 5.2x) or its ``forward``
+    (after): around a compiled layer, the recompute is a second call of the whole compiled
+    forward, and the output projection of the MLP, whose result backward never reads, runs
+    again with the rest (about 7% of a checkpointed step's FLOPs on Phi-3), and every op saves
+    through checkpoint's hooks. Inside, the compiler sees the checkpoint and recomputes only
+    what the backward needs, as part of the backward graph; dropout masks are recomputed from a
+    saved RNG state, so they are the forward's. Layers without checkpointing are left alone.
+    Returns whether the layer was changed.
+    """
+    if not getattr(layer, "gradient_checkpointing", False):
+        return False
+    layer.gradient_checkpointing = False  # transformers' wrapper now passes straight through
+    layer._lit_cats_forward = layer.forward
+    layer.forward = types.MethodType(_checkpointed_forward, layer)
+    return True
+
+
+def _checkpointed_forward(self: nn.Module, *args: object, **kwargs: object) -> object:
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(self._lit_cats_forward, *args, use_reentrant=False, **kwargs)
+    return self._lit_cats_forward(*args, **kwargs)
 
 
 def has_cxx_compiler() -> bool:

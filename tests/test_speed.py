@@ -372,6 +372,42 @@ def test_compiled_layers_equal_eager_layers():
     torch._dynamo.reset()
 
 
+@needs_cxx
+def test_compiled_layers_checkpoint_inside_the_compiled_graph(monkeypatch):
+    """Checkpointing moves inside each compiled layer (traced, whatever transformers' own
+    wrapper does), and no activation inside a layer is kept for the backward."""
+    import torch._dynamo
+
+    import lit_cats.kernels as kernels
+
+    traced = []
+    real_checkpoint = kernels.checkpoint
+
+    def spy(*args, **kwargs):
+        traced.append(torch.compiler.is_compiling())
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "checkpoint", spy)
+    torch._dynamo.reset()
+    module = _module(compile=True, loss_chunk_size=16, fast_lora=True, upcast_to_fp32=False)
+    base = module.model.get_base_model()
+    assert not any(layer.gradient_checkpointing for layer in base.model.layers)
+    batch = pack_examples(_examples([40, 17, 63]))
+    _loss_and_grads(module, batch)  # compiles
+    assert traced and all(traced)  # the checkpoint ran in compiled code, never eagerly
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        _loss_and_grads(module, batch)
+    # Per token, only hidden-size (or narrower) tensors: layer inputs, rotary tables, the
+    # final norm; none of the wider q/k/v, gate/up or intermediate activations.
+    tokens, hidden = batch["input_ids"].shape[1], base.config.hidden_size
+    per_token = [shape for shape in saved if tokens in shape]
+    assert per_token and all(shape[-1] <= hidden for shape in per_token)
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_compiled_layers_equal_eager_layers_on_gpu():
     """Packed batches: the flash varlen kernel inside the compiled graph; padded: SDPA.
