@@ -11,10 +11,11 @@ the rest of it (dtype casts, LoRA dropout) with no extra package, on CUDA and th
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import shutil
-import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,35 +99,35 @@ def compile_decoder_layers(model: nn.Module) -> int:
     _refuse_liger_rope(model)
     for layer in layers:
         trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
-        checkpoint_inside(layer)
+        checkpointed = checkpoint_around(layer)
         layer.compile(dynamic=True)
+        if checkpointed:
+            compiled = layer._compiled_call_impl
+            layer._compiled_call_impl = functools.partial(_checkpointed_call, layer, compiled)
     return len(layers)
 
 
-def checkpoint_inside(layer: nn.Module) -> bool:
-    """Move a decoder layer's gradient checkpointing inside its (to be) compiled forward.
+def checkpoint_around(layer: nn.Module) -> bool:
+    """Take a decoder layer's gradient checkpointing from transformers and put it around the
+    layer's compiled call; call before ``layer.compile``. Returns whether it had checkpointing.
 
-    transformers checkpoints around the layer's ``__call__`` (before 5.2x) or its ``forward``
-    (after): around a compiled layer, the recompute is a second call of the whole compiled
-    forward, and the output projection of the MLP, whose result backward never reads, runs
-    again with the rest (about 7% of a checkpointed step's FLOPs on Phi-3), and every op saves
-    through checkpoint's hooks. Inside, the compiler sees the checkpoint and recomputes only
-    what the backward needs, as part of the backward graph; dropout masks are recomputed from a
-    saved RNG state, so they are the forward's. Layers without checkpointing are left alone.
-    Returns whether the layer was changed.
+    transformers checkpoints around the layer's ``__call__`` before 5.2x and around its
+    ``forward`` after, which puts the checkpoint outside or inside the compiled code depending
+    on the version. Inside, the compiled graph would skip recomputing what backward never reads,
+    but torch 2.11's Inductor fails to compile Phi-3's layer that way ("Node add_356 was
+    invalid, but is output", H200, benchmarks/RESULTS.md; torch 2.13 on the CPU compiles it).
+    Around, as measured throughout RESULTS.md, works on every version here.
     """
     if not getattr(layer, "gradient_checkpointing", False):
         return False
     layer.gradient_checkpointing = False  # transformers' wrapper now passes straight through
-    layer._lit_cats_forward = layer.forward
-    layer.forward = types.MethodType(_checkpointed_forward, layer)
     return True
 
 
-def _checkpointed_forward(self: nn.Module, *args: object, **kwargs: object) -> object:
-    if self.training and torch.is_grad_enabled():
-        return checkpoint(self._lit_cats_forward, *args, use_reentrant=False, **kwargs)
-    return self._lit_cats_forward(*args, **kwargs)
+def _checkpointed_call(layer: nn.Module, compiled: Callable, *args: Any, **kwargs: Any) -> Any:
+    if layer.training and torch.is_grad_enabled():
+        return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
+    return compiled(*args, **kwargs)
 
 
 def has_cxx_compiler() -> bool:

@@ -373,18 +373,19 @@ def test_compiled_layers_equal_eager_layers():
 
 
 @needs_cxx
-def test_compiled_layers_checkpoint_inside_the_compiled_graph(monkeypatch):
-    """Checkpointing moves inside each compiled layer (traced, whatever transformers' own
-    wrapper does), and no activation inside a layer is kept for the backward."""
+def test_compiled_layers_are_checkpointed_around_their_compiled_call(monkeypatch):
+    """Checkpointing goes around each compiled layer's call, whichever way transformers wraps
+    it (torch 2.11's Inductor cannot compile the checkpoint inside), and no activation inside
+    a layer is kept for the backward."""
     import torch._dynamo
 
     import lit_cats.kernels as kernels
 
-    traced = []
+    compiling = []
     real_checkpoint = kernels.checkpoint
 
     def spy(*args, **kwargs):
-        traced.append(torch.compiler.is_compiling())
+        compiling.append(torch.compiler.is_compiling())
         return real_checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "checkpoint", spy)
@@ -394,7 +395,7 @@ def test_compiled_layers_checkpoint_inside_the_compiled_graph(monkeypatch):
     assert not any(layer.gradient_checkpointing for layer in base.model.layers)
     batch = pack_examples(_examples([40, 17, 63]))
     _loss_and_grads(module, batch)  # compiles
-    assert traced and all(traced)  # the checkpoint ran in compiled code, never eagerly
+    assert len(compiling) == len(base.model.layers) and not any(compiling)
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(
         lambda t: saved.append(t.shape) or t, lambda t: t
