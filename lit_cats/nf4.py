@@ -1,4 +1,5 @@
-"""bitsandbytes' NF4 matmul written in plain torch ops, for compiled decoder layers.
+"""bitsandbytes' NF4 matmul inside compiled decoder layers: torch ops on small steps, one
+custom op with the LoRA update added in place on large ones.
 
 bitsandbytes runs each 4-bit matmul through Python: its ``gemm_4bit`` custom op dequantizes
 the weight (two kernels with double quantization) and calls ``linear``, and every step goes
@@ -21,7 +22,10 @@ Only steps of at most :data:`MAX_TOKENS` tokens take this path; larger ones are 
 bitsandbytes' hand-written dequantization kernel is the faster one and frees each weight as soon
 as its matmul is done. Measured side by side on an H100 (benchmarks/RESULTS.md), compiled layers:
 batch 2 of short texts 0.226 -> 0.182 s/step; packed 16k-token steps 18,202 -> 17,884 tokens/s
-and 4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too.
+and 4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too. On those large steps a LoRA
+layer's base matmul and its update are one custom op instead (:func:`linear_4bit_lora`), so the
+update is added into the matmul's output in place, which traced code could not do without
+first copying that output.
 """
 
 from __future__ import annotations
