@@ -16,7 +16,6 @@ import pytest
 import torch
 from conftest import CONFIGS, tiny_fit_args
 
-from lit_cats.cli import main
 from lit_cats.formatting import IGNORE_INDEX
 from lit_cats.kernels import has_cxx_compiler
 from lit_cats.losses import chunked_causal_lm_loss
@@ -248,6 +247,8 @@ def test_all_features_together_equal_the_plain_path():
 
 # ------------------------------------------------------------------------------------- config
 def test_fast_config_trains_the_tiny_model_on_cpu(run_dir):
+    from lit_cats.cli import main  # here, so the GPU tests run where the CLI's Hub extras are not
+
     main(
         tiny_fit_args(
             "--config",
@@ -269,6 +270,8 @@ def test_compiled_fit_from_the_cli_resumes_and_saves_a_plain_adapter(run_dir):
     """``--model.compile true`` end to end: fit, checkpoint, resume, and a loadable adapter."""
     import torch._dynamo
     from safetensors.torch import load_file
+
+    from lit_cats.cli import main
 
     torch._dynamo.reset()
     args = ("--config", str(CONFIGS / "fast.yaml"), "--model.compile", "true")
