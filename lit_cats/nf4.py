@@ -43,29 +43,32 @@ MAX_TOKENS = 2048
 def dequantize_nf4(
     packed: torch.Tensor,
     absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
     code: torch.Tensor,
-    shape: tuple[int, int],
+    shape: tuple[int, int] | list[int],
     blocksize: int,
     dtype: torch.dtype,
-    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """The ``shape`` weight that bitsandbytes packed into ``packed``, in ``dtype``.
 
     Args:
         packed: uint8 codes, two per byte (high nibble first).
-        absmax: Per-block scales: float, or uint8 codes when ``nested`` is given.
+        absmax: Per-block scales: float, or uint8 codes under double quantization.
+        absmax_scale: Double quantization's scale per 256 absmax codes (None without it).
+        absmax_code: The 256 values of the absmax codes (None without double quantization).
+        offset: Added to every dequantized absmax (None without double quantization).
         code: The 16 NF4 values.
         shape: ``(out_features, in_features)``.
         blocksize: Weights per absmax block.
         dtype: Output dtype.
-        nested: ``(absmax_code, absmax_scale, offset, absmax_blocksize)`` of double quantization.
     """
     numel = shape[0] * shape[1]
     flat = packed.reshape(-1)
     codes = torch.stack(((flat >> 4) & 15, flat & 15), dim=-1).reshape(-1)[:numel]
-    if nested is not None:
-        absmax_code, absmax_scale, offset, absmax_blocksize = nested
-        group = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
+    if absmax_scale is not None:
+        group = torch.arange(absmax.numel(), device=absmax.device) // 256
         scale = absmax_code[absmax.long()] * absmax_scale[group] + offset
     else:
         scale = absmax.float()
@@ -81,33 +84,36 @@ class _NF4Linear(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         bias: torch.Tensor | None,
-        packed: torch.Tensor,
-        absmax: torch.Tensor,
         code: torch.Tensor,
-        absmax_code: torch.Tensor | None,
-        absmax_scale: torch.Tensor | None,
-        offset: torch.Tensor | None,
-        meta: tuple[tuple[int, int], int, int],
+        shape: tuple[int, int],
+        blocksize: int,
+        *quantized: torch.Tensor | None,
     ) -> torch.Tensor:
-        shape, blocksize, absmax_blocksize = meta
-        nested = (
-            None if absmax_code is None else (absmax_code, absmax_scale, offset, absmax_blocksize)
-        )
-        weight = dequantize_nf4(packed, absmax, code, shape, blocksize, x.dtype, nested)
-        ctx.save_for_backward(packed, absmax, code, absmax_code, absmax_scale, offset)
-        ctx.meta = meta
+        ctx.save_for_backward(code, *quantized)
+        ctx.meta = (shape, blocksize)
+        weight = dequantize_nf4(*quantized, code, shape, blocksize, x.dtype)
         return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        packed, absmax, code, absmax_code, absmax_scale, offset = ctx.saved_tensors
-        shape, blocksize, absmax_blocksize = ctx.meta
-        nested = (
-            None if absmax_code is None else (absmax_code, absmax_scale, offset, absmax_blocksize)
-        )
-        weight = dequantize_nf4(packed, absmax, code, shape, blocksize, grad.dtype, nested)
+        code, *quantized = ctx.saved_tensors
+        weight = dequantize_nf4(*quantized, code, *ctx.meta, grad.dtype)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return grad @ weight, grad_bias, None, None, None, None, None, None, None
+        return grad @ weight, grad_bias, *([None] * (3 + len(quantized)))
+
+
+def _quantized(layer: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    """The weight's tensors in the order every op here takes them: packed codes, absmax, then
+    double quantization's absmax scale, absmax code and offset (None without it)."""
+    state = layer.weight.quant_state
+    if not state.nested:
+        return layer.weight, state.absmax, None, None, None
+    return layer.weight, state.absmax, state.state2.absmax, state.state2.code, state.offset
+
+
+def _small_step(x: torch.Tensor) -> bool:
+    """At most MAX_TOKENS tokens (a guard under dynamic shapes: one graph on each side)."""
+    return x.numel() // x.shape[-1] <= MAX_TOKENS
 
 
 def _supported(layer: nn.Module) -> bool:
@@ -227,24 +233,19 @@ def fused_lora_linear(
     if (
         not torch.compiler.is_compiling()
         or x.dim() != 2
-        or x.shape[0] <= MAX_TOKENS
+        or _small_step(x)
         or getattr(layer, "bias", None) is not None
         or not hasattr(layer, "_lit_cats_bnb_forward")
         or not _supported(layer)
     ):
         return None
     state = layer.weight.quant_state
-    nested = state.state2 if state.nested else None
     out = linear_4bit_lora(
         x.to(layer.compute_dtype or x.dtype),
         low_rank,
         lora_b,
         scaling,
-        layer.weight,
-        state.absmax,
-        None if nested is None else nested.absmax,
-        None if nested is None else nested.code,
-        None if nested is None else state.offset,
+        *_quantized(layer),
         list(state.shape),
         state.blocksize,
     )
@@ -252,23 +253,13 @@ def fused_lora_linear(
 
 
 def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    tokens = x.numel() // x.shape[-1]  # a guard under dynamic shapes: one graph per side
-    if not torch.compiler.is_compiling() or not _supported(self) or tokens > MAX_TOKENS:
+    if not torch.compiler.is_compiling() or not _supported(self) or not _small_step(x):
         return self._lit_cats_bnb_forward(x)
     state = self.weight.quant_state
     compute = self.compute_dtype or x.dtype
     bias = None if self.bias is None else self.bias.to(compute)
-    nested = state.state2 if state.nested else None
     out = _NF4Linear.apply(
-        x.to(compute),
-        bias,
-        self.weight,
-        state.absmax,
-        state.code,
-        None if nested is None else nested.code,
-        None if nested is None else nested.absmax,
-        None if nested is None else state.offset,
-        (tuple(state.shape), state.blocksize, 0 if nested is None else nested.blocksize),
+        x.to(compute), bias, state.code, tuple(state.shape), state.blocksize, *_quantized(self)
     )
     return out.to(x.dtype)
 

@@ -449,15 +449,9 @@ def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested, device="cpu"):
     packed, state = quantize_4bit(
         weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
     )
-    inner = state.state2 if nested else None
+    double = (state.state2.absmax, state.state2.code, state.offset) if nested else (None,) * 3
     got = dequantize_nf4(
-        packed,
-        state.absmax,
-        state.code,
-        tuple(state.shape),
-        state.blocksize,
-        torch.bfloat16,
-        (inner.code, inner.absmax, state.offset, inner.blocksize) if nested else None,
+        packed, state.absmax, *double, state.code, state.shape, state.blocksize, torch.bfloat16
     )
     assert torch.equal(got, dequantize_4bit(packed, state))
 
@@ -503,14 +497,14 @@ def test_compiled_4bit_layer_has_no_bitsandbytes_call_and_the_same_gradients():
     torch.testing.assert_close(eager, layer._lit_cats_bnb_forward(x), rtol=0, atol=0)
 
 
-def _lora_op_inputs(requires_grad: bool = True):
+def _lora_op_inputs():
     module = _module(gradient_checkpointing=False)
     lora = module.model.get_base_model().model.layers[0].self_attn.qkv_proj
     base, state = lora.base_layer, lora.base_layer.weight.quant_state
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(7, base.in_features, generator=gen).bfloat16().requires_grad_(requires_grad)
-    low = torch.randn(7, 8, generator=gen).bfloat16().requires_grad_(requires_grad)
-    b = torch.randn(base.out_features, 8, generator=gen).requires_grad_(requires_grad)
+    x = torch.randn(7, base.in_features, generator=gen).bfloat16().requires_grad_()
+    low = torch.randn(7, 8, generator=gen).bfloat16().requires_grad_()
+    b = torch.randn(base.out_features, 8, generator=gen).requires_grad_()
     inner = state.state2
     args = (x, low, b, 2.0, base.weight, state.absmax, inner.absmax, inner.code, state.offset,
             list(state.shape), state.blocksize)  # fmt: skip
