@@ -99,17 +99,14 @@ def compile_decoder_layers(model: nn.Module) -> int:
     _refuse_liger_rope(model)
     for layer in layers:
         trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
-        checkpointed = checkpoint_around(layer)
         layer.compile(dynamic=True)
-        if checkpointed:
-            compiled = layer._compiled_call_impl
-            layer._compiled_call_impl = functools.partial(_checkpointed_call, layer, compiled)
+        checkpoint_around(layer)
     return len(layers)
 
 
 def checkpoint_around(layer: nn.Module) -> bool:
-    """Take a decoder layer's gradient checkpointing from transformers and put it around the
-    layer's compiled call; call before ``layer.compile``. Returns whether it had checkpointing.
+    """Take a compiled decoder layer's gradient checkpointing from transformers and put it
+    around the layer's compiled call. Returns whether the layer had checkpointing.
 
     transformers checkpoints around the layer's ``__call__`` before 5.2x and around its
     ``forward`` after, which puts the checkpoint outside or inside the compiled code depending
@@ -121,6 +118,8 @@ def checkpoint_around(layer: nn.Module) -> bool:
     if not getattr(layer, "gradient_checkpointing", False):
         return False
     layer.gradient_checkpointing = False  # transformers' wrapper now passes straight through
+    compiled = layer._compiled_call_impl
+    layer._compiled_call_impl = functools.partial(_checkpointed_call, layer, compiled)
     return True
 
 
