@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import itertools
 import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lit_cats.nf4 import trace_nf4_layers
+from lit_cats.nf4 import mark_layer_output, recomputing, trace_nf4_layers
 
 
 def apply_liger_kernels(model: nn.Module) -> None:
@@ -97,8 +98,12 @@ def compile_decoder_layers(model: nn.Module) -> int:
             "code (e.g. apt install g++); install one or set --model.compile false."
         )
     _refuse_liger_rope(model)
+    phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3"
     for layer in layers:
         trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
+        if phi3:  # residual + dropout(mlp.down_proj(...)): not run again when recomputed
+            down = layer.mlp.down_proj
+            mark_layer_output(getattr(down, "base_layer", down))
         layer.compile(dynamic=True)
         checkpoint_around(layer)
     return len(layers)
@@ -114,6 +119,10 @@ def checkpoint_around(layer: nn.Module) -> bool:
     but torch 2.11's Inductor fails to compile Phi-3's layer that way ("Node add_356 was
     invalid, but is output", H200, benchmarks/RESULTS.md; torch 2.13 on the CPU compiles it).
     Around, as measured throughout RESULTS.md, works on every version here.
+
+    The backward's rerun of the layer happens inside :func:`lit_cats.nf4.recomputing`, so the
+    matmuls whose output the backward never reads (:func:`lit_cats.nf4.mark_layer_output`) are
+    skipped on large steps.
     """
     if not getattr(layer, "gradient_checkpointing", False):
         return False
@@ -124,9 +133,17 @@ def checkpoint_around(layer: nn.Module) -> bool:
 
 
 def _checkpointed_call(layer: nn.Module, compiled: Callable, *args: Any, **kwargs: Any) -> Any:
-    if layer.training and torch.is_grad_enabled():
-        return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
-    return compiled(*args, **kwargs)
+    if not (layer.training and torch.is_grad_enabled()):
+        return compiled(*args, **kwargs)
+    calls = itertools.count()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) == 0:  # the forward
+            return compiled(*args, **kwargs)
+        with recomputing():  # the backward rebuilding the layer's activations
+            return compiled(*args, **kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def has_cxx_compiler() -> bool:

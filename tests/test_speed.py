@@ -507,7 +507,7 @@ def _lora_op_inputs():
     b = torch.randn(base.out_features, 8, generator=gen).requires_grad_()
     inner = state.state2
     args = (x, low, b, 2.0, base.weight, state.absmax, inner.absmax, inner.code, state.offset,
-            list(state.shape), state.blocksize)  # fmt: skip
+            list(state.shape), state.blocksize, False)  # fmt: skip
     return base, args
 
 
@@ -531,10 +531,45 @@ def test_4bit_lora_op_is_bitsandbytes_matmul_plus_the_update():
         assert _rel(g, t.grad) < 2e-2
 
 
+def test_4bit_lora_op_of_a_layer_output_is_skipped_only_when_recomputed():
+    """A layer's last projection (nf4.mark_layer_output) does its matmul in the forward and
+    returns NaNs without it inside nf4.recomputing(); other layers always compute."""
+    from lit_cats.nf4 import linear_4bit_lora, recomputing
+
+    _, args = _lora_op_inputs()
+    last, skipped = (*args[:-1], True), []
+    with torch.no_grad():
+        ref = linear_4bit_lora(*args)
+        torch.testing.assert_close(linear_4bit_lora(*last), ref, rtol=0, atol=0)
+        with recomputing():
+            torch.testing.assert_close(linear_4bit_lora(*args), ref, rtol=0, atol=0)
+            calls = _count_4bit_matmuls(lambda: skipped.append(linear_4bit_lora(*last)))
+    assert calls == (0, 0) and skipped[0].isnan().all()
+
+
+def _count_4bit_matmuls(fn) -> tuple[int, int]:
+    """How many bitsandbytes 4-bit matmuls ``fn()`` runs: outside and inside a backward pass."""
+    ops, real, in_backward = torch.ops.bitsandbytes, torch.ops.bitsandbytes.gemm_4bit, []
+
+    def spy(*args, **kwargs):
+        in_backward.append(torch._C._current_graph_task_id() != -1)
+        return real(*args, **kwargs)
+
+    ops.gemm_4bit = spy
+    try:
+        fn()
+    finally:
+        ops.gemm_4bit = real
+    return in_backward.count(False), in_backward.count(True)
+
+
 @needs_cxx
 def test_compiled_large_steps_add_lora_in_place_and_match_eager():
     """A packed step above nf4.MAX_TOKENS: bitsandbytes' matmul with the LoRA update as one op
-    (no copy of the output) inside the compiled layers; the same loss and gradients as eager."""
+    (no copy of the output) inside the compiled layers; the same loss and gradients as eager.
+    Checkpointing's rerun of each layer skips the MLP's down_proj, whose output the backward
+    never reads (it returns NaNs there, so the gradients would show any use): the backward runs
+    3 of each layer's 4 matmuls again, not 4."""
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
@@ -548,6 +583,10 @@ def test_compiled_large_steps_add_lora_in_place_and_match_eager():
     (got, code) = run_and_get_code(_loss_and_grads, compiled, batch)
     assert "linear_4bit_lora" in "\n".join(code)
     _assert_close(got, _loss_and_grads(eager, batch), loss_tol=1e-3, grad_tol=5e-2)
+    forward, backward = _count_4bit_matmuls(lambda: _loss_and_grads(compiled, batch))
+    layers = len(compiled.model.get_base_model().model.layers)
+    assert forward == 4 * layers  # qkv, o, gate_up, down in every layer
+    assert backward == 3 * layers  # recomputed: all but down_proj
     torch._dynamo.reset()
 
 
