@@ -100,7 +100,8 @@ class Run:
         max_tokens: Token budget per packed step.
         pad_to_multiple_of: Unpacked batches are padded to a multiple of this width.
         gradient_checkpointing: Recompute activations in backward.
-        model: Extra ``QLoRAModule`` keyword arguments.
+        model: Extra ``QLoRAModule`` keyword arguments (override the LoRA recipe, e.g.
+            ``lora_dropout``).
         fast_optimizer: torch AdamW (foreach) instead of paged AdamW 32-bit.
         steps: Timed steps (after ``warmup``).
         warmup: Untimed steps first.
@@ -327,14 +328,11 @@ def run_lit_cats(run: Run, model_dir: Path, data: list[list[int]], device: str) 
             return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, foreach=True)
 
     kwargs = {"optimizer": optimizer} if optimizer else {}
+    recipe = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": TARGETS}
     module = QLoRAModule(
         str(model_dir),
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        target_modules=TARGETS,
         gradient_checkpointing=run.gradient_checkpointing,
-        **run.model,
+        **{**recipe, **run.model},  # a run's own settings win
         **kwargs,
     )
     dm = workload_datamodule(
