@@ -80,7 +80,9 @@ def compile_decoder_layers(model: nn.Module) -> int:
     bottleneck) they are torch ops that compile into one dequantization kernel each
     (:mod:`lit_cats.nf4`). The first steps pay the compilation (about a minute); shapes that
     vary from step to step (packed rows, padded batches) are compiled once more, as dynamic
-    shapes, and a run that meets both small and large steps compiles each once.
+    shapes, and a run that meets both small and large steps compiles each once. With
+    checkpointing, each layer's rerun in the backward skips Phi-3's MLP ``down_proj`` on large
+    steps (:func:`checkpoint_around`).
 
     Raises:
         ValueError: If no decoder layers are found, or on a CPU without a C++ compiler.

@@ -25,7 +25,9 @@ batch 2 of short texts 0.226 -> 0.182 s/step; packed 16k-token steps 18,202 -> 1
 and 4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too. On those large steps a LoRA
 layer's base matmul and its update are one custom op instead (:func:`linear_4bit_lora`), so the
 update is added into the matmul's output in place, which traced code could not do without
-first copying that output.
+first copying that output. When checkpointing reruns a layer in the backward, that op skips
+the matmuls whose output the backward never reads (:func:`mark_layer_output`): +3-6% per
+checkpointed 16k-token step on an H100.
 """
 
 from __future__ import annotations
