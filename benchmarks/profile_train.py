@@ -50,13 +50,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cprofile", action="store_true", help="also the host's Python time per function"
     )
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="the recipe's: 0.05")
+    parser.add_argument("--rows", type=int, default=18, help="kernel rows printed")
     args = parser.parse_args(argv)
     from lit_cats.model import QLoRAModule
 
     model_dir = build_random_phi3(args.model_dir, "cuda", tiny=False)
     kwargs = {} if args.plain else dict(FAST_MODEL)
     kwargs.update(compile=args.compile, liger_kernels=args.liger)
-    module = QLoRAModule(str(model_dir), gradient_checkpointing=not args.no_gc, **kwargs)
+    module = QLoRAModule(
+        str(model_dir),
+        gradient_checkpointing=not args.no_gc,
+        lora_dropout=args.lora_dropout,
+        **kwargs,
+    )
     module._target_device = lambda: torch.device("cuda")  # type: ignore[method-assign]
     module.configure_model()
     module.cuda()
@@ -106,10 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"shape {args.shape} ({'plain' if args.plain else 'fast'}, GC {not args.no_gc}, "
-        f"compile {args.compile}, liger {args.liger}): "
+        f"compile {args.compile}, liger {args.liger}, LoRA dropout {args.lora_dropout}): "
         f"{wall * 1e3:.0f} ms/step wall, {kernel_us / 1e3:.0f} ms/step of GPU kernels"
     )
-    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+    print(
+        events.table(
+            sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=90
+        )
+    )
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     if args.cprofile:  # where the host's time goes, by Python function (3 steps)
         import cProfile
