@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import itertools
 import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,7 +41,7 @@ def apply_liger_kernels(model: nn.Module) -> None:
             "model.liger_kernels=true needs the 'liger-kernel' package: pip install "
             "'lit-cats[liger]' (or liger-kernel), or set --model.liger_kernels false."
         )
-    if getattr(getattr(model, "config", None), "model_type", None) != "phi3":
+    if not _is_phi3(model):
         raise ValueError("model.liger_kernels supports Phi-3 models only; set it to false.")
     if next(model.parameters()).device.type != "cuda":
         raise ValueError(
@@ -100,7 +99,7 @@ def compile_decoder_layers(model: nn.Module) -> int:
             "code (e.g. apt install g++); install one or set --model.compile false."
         )
     _refuse_liger_rope(model)
-    phi3 = getattr(getattr(model, "config", None), "model_type", None) == "phi3"
+    phi3 = _is_phi3(model)
     for layer in layers:
         trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
         if phi3:  # residual + dropout(mlp.down_proj(...)): not run again when recomputed
@@ -135,17 +134,14 @@ def checkpoint_around(layer: nn.Module) -> bool:
 
 
 def _checkpointed_call(layer: nn.Module, compiled: Callable, *args: Any, **kwargs: Any) -> Any:
-    if not (layer.training and torch.is_grad_enabled()):
-        return compiled(*args, **kwargs)
-    calls = itertools.count()
+    if layer.training and torch.is_grad_enabled():
+        return checkpoint(compiled, *args, use_reentrant=False, context_fn=_rerun_context, **kwargs)
+    return compiled(*args, **kwargs)
 
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if next(calls) == 0:  # the forward
-            return compiled(*args, **kwargs)
-        with recomputing():  # the backward rebuilding the layer's activations
-            return compiled(*args, **kwargs)
 
-    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+def _rerun_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """checkpoint's contexts: none for the forward, :func:`recomputing` for the backward's rerun."""
+    return contextlib.nullcontext(), recomputing()
 
 
 def has_cxx_compiler() -> bool:
@@ -156,7 +152,7 @@ def has_cxx_compiler() -> bool:
 def _refuse_liger_rope(model: nn.Module) -> None:
     """Liger's rotary kernel, once applied, is Phi-3's for the whole process; Dynamo cannot
     trace it, and every compiled layer would break its graph there (seen on an H100)."""
-    if getattr(getattr(model, "config", None), "model_type", None) != "phi3":
+    if not _is_phi3(model):
         return
     from transformers.models.phi3 import modeling_phi3
 
@@ -182,6 +178,10 @@ def eager_layers() -> Iterator[None]:
         return
     with torch.compiler.set_stance("force_eager"):
         yield
+
+
+def _is_phi3(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "phi3"
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
