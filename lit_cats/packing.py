@@ -149,20 +149,21 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
 
 # --------------------------------------------------------------------------------- attention
-#: Keyword arguments of ``varlen_attn`` that differ between torch versions, found once at
-#: registration (``inspect`` cannot run inside a ``torch.compile``d layer).
-_VARLEN_KWARGS: dict[str, Any] = {}
+#: What ``varlen_attn`` accepts in this torch version (``causal``: its causality keyword;
+#: ``has_scale``: whether it takes ``scale``), read once at registration (``inspect`` cannot run
+#: inside a ``torch.compile``d layer).
+_VARLEN_SIGNATURE: dict[str, Any] = {}
 
 
-def _varlen_kwargs() -> dict[str, Any]:
-    if not _VARLEN_KWARGS:
+def _varlen_signature() -> dict[str, Any]:
+    if not _VARLEN_SIGNATURE:
         from torch.nn.attention.varlen import varlen_attn
 
         params = inspect.signature(varlen_attn).parameters
         # torch >= 2.12 spells causality as a window.
         causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        _VARLEN_KWARGS.update(causal, has_scale="scale" in params)
-    return _VARLEN_KWARGS
+        _VARLEN_SIGNATURE.update(causal=causal, has_scale="scale" in params)
+    return _VARLEN_SIGNATURE
 
 
 def _flash_varlen(
@@ -176,8 +177,9 @@ def _flash_varlen(
     """Causal variable-length FlashAttention over ``(total, heads, dim)`` tensors (CUDA)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    kwargs = {k: v for k, v in _varlen_kwargs().items() if k != "has_scale"}
-    if _VARLEN_KWARGS["has_scale"]:
+    signature = _varlen_signature()
+    kwargs = dict(signature["causal"])
+    if signature["has_scale"]:
         kwargs["scale"] = scale
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
         raise ValueError("This torch's varlen_attn has no scale argument; upgrade torch.")
@@ -338,5 +340,5 @@ def register_varlen_attention() -> str:
     """
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     if torch.cuda.is_available():
-        _varlen_kwargs()
+        _varlen_signature()
     return VARLEN_ATTENTION
