@@ -203,18 +203,30 @@ def linear_4bit_lora(
     """
     if layer_output and getattr(_state, "recomputing", False):
         return x.new_full((x.shape[0], shape[0]), float("nan"))
-    out = torch.ops.bitsandbytes.gemm_4bit(
-        x,
-        packed,
-        shape,
-        absmax if absmax_scale is None else absmax_scale,
-        blocksize,
-        "nf4",
-        absmax_8bit=None if absmax_scale is None else absmax,
-        absmax_code=absmax_code,
-        absmax_offset=offset,
+    update = low_rank.to(x.dtype) @ (lora_b.t() * scaling).to(x.dtype)
+    return _add_4bit_matmul(
+        update, x, packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize
     )
-    return out.addmm_(low_rank.to(out.dtype), lora_b.t().to(out.dtype), alpha=scaling)
+
+
+def _add_4bit_matmul(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+) -> torch.Tensor:
+    """``out += x @ W.T`` in place, W dequantized by bitsandbytes' kernels, as its ``gemm_4bit``
+    does (then ``linear``). One GEMM with beta = 1: it reads ``out`` in its epilogue, hidden
+    behind the matmul's arithmetic."""
+    weight = _dequantize_bnb(
+        packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize, x.dtype
+    )
+    return out.addmm_(x, weight.t())
 
 
 @linear_4bit_lora.register_fake

@@ -53,7 +53,7 @@ def _padded(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
 
 
 def _module(device: str = "cpu", **kwargs) -> QLoRAModule:
-    module = QLoRAModule(TINY_MODEL_ID, lora_dropout=0.0, **kwargs)
+    module = QLoRAModule(TINY_MODEL_ID, **{"lora_dropout": 0.0, **kwargs})
     if device == "cuda":
         import lightning as L
 
@@ -548,18 +548,21 @@ def test_4bit_lora_op_of_a_layer_output_is_skipped_only_when_recomputed():
 
 
 def _count_4bit_matmuls(fn) -> tuple[int, int]:
-    """How many bitsandbytes 4-bit matmuls ``fn()`` runs: outside and inside a backward pass."""
-    ops, real, in_backward = torch.ops.bitsandbytes, torch.ops.bitsandbytes.gemm_4bit, []
+    """How many forward 4-bit matmuls of the LoRA op ``fn()`` runs: outside and inside a
+    backward pass (checkpointing's rerun)."""
+    from lit_cats import nf4
+
+    real, in_backward = nf4._add_4bit_matmul, []
 
     def spy(*args, **kwargs):
         in_backward.append(torch._C._current_graph_task_id() != -1)
         return real(*args, **kwargs)
 
-    ops.gemm_4bit = spy
+    nf4._add_4bit_matmul = spy
     try:
         fn()
     finally:
-        ops.gemm_4bit = real
+        nf4._add_4bit_matmul = real
     return in_backward.count(False), in_backward.count(True)
 
 
