@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_cats import lora_dropout
 from lit_cats.nf4 import mark_layer_output, recomputing, trace_nf4_layers
 
 
@@ -140,8 +141,17 @@ def _checkpointed_call(layer: nn.Module, compiled: Callable, *args: Any, **kwarg
 
 
 def _rerun_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """checkpoint's contexts: none for the forward, :func:`recomputing` for the backward's rerun."""
-    return contextlib.nullcontext(), recomputing()
+    """checkpoint's contexts for one call: the forward keeps the LoRA-A outputs of the fused
+    dropout op; the backward's rerun reuses them (:func:`lit_cats.lora_dropout.checkpoint_contexts`)
+    and runs inside :func:`recomputing`."""
+    keep, reuse = lora_dropout.checkpoint_contexts()
+    return keep, _rerun(reuse)
+
+
+@contextlib.contextmanager
+def _rerun(reuse: contextlib.AbstractContextManager) -> Iterator[None]:
+    with recomputing(), reuse:
+        yield
 
 
 def has_cxx_compiler() -> bool:

@@ -31,6 +31,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from lit_cats import lora_dropout
 from lit_cats.nf4 import fused_lora_linear
 
 
@@ -49,11 +50,13 @@ def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
         return self._lit_cats_peft_forward(x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     scaling = self.scaling[name]
-    h = self.lora_dropout[name](x)
-    if not torch.is_autocast_enabled(x.device.type):  # peft computes LoRA in its weights' dtype
-        h = h.to(lora_a.dtype)
-    low_rank = torch.nn.functional.linear(h, lora_a)  # (..., r)
-    x_2d, low_rank = x.reshape(-1, x.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1])
+    x_2d = x.reshape(-1, x.shape[-1])
+    low_rank = _dropout_lora_a(self.lora_dropout[name], x_2d, lora_a)
+    if low_rank is None:
+        h = self.lora_dropout[name](x_2d)
+        if not torch.is_autocast_enabled(x.device.type):  # peft: LoRA in its weights' dtype
+            h = h.to(lora_a.dtype)
+        low_rank = torch.nn.functional.linear(h, lora_a)  # (tokens, r)
     fused = fused_lora_linear(self.base_layer, x_2d, low_rank, lora_b, scaling)
     if fused is not None:  # compiled, large step, 4-bit base: the update added in place
         return fused.view(*x.shape[:-1], fused.shape[-1])
@@ -66,6 +69,27 @@ def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
     else:
         result = torch.addmm(result, low_rank, b_t, alpha=scaling)
     return result.view(*x.shape[:-1], result.shape[-1])
+
+
+def _dropout_lora_a(
+    dropout: nn.Module, x: torch.Tensor, lora_a: torch.Tensor
+) -> torch.Tensor | None:
+    """``lora_A(dropout(x))`` as one op whose mask is drawn from a seed and never stored
+    (:mod:`lit_cats.lora_dropout`): training with dropout under autocast, on CUDA with Triton.
+    None elsewhere (the caller runs peft's dropout and ``lora_A``)."""
+    device = x.device.type
+    if not (
+        isinstance(dropout, nn.Dropout)
+        and dropout.training
+        and dropout.p > 0
+        and torch.is_autocast_enabled(device)
+    ):
+        return None
+    x = x.to(torch.get_autocast_dtype(device))  # what autocast's lora_A would compute in
+    if not lora_dropout.applies(x, lora_a):
+        return None
+    seed = torch.randint(1 << 62, (1,), device=x.device)  # torch's RNG: checkpointing replays it
+    return lora_dropout.dropout_lora_a(x, lora_a, dropout.p, seed)
 
 
 def enable_fast_lora(model: nn.Module) -> int:
