@@ -10,18 +10,21 @@ while it sums the gradient of ``A``. Nothing of size ``(tokens, in_features)`` i
 ``x`` itself.
 
 The mask is Philox-4x32-10, counter based (Triton's ``randint4x``, the generator behind
-``tl.rand``; Random123's known answer is tested), and one evaluation serves 8 elements, 16 bits
-each, where ``tl.rand`` spends one per element: element ``(n, k)`` of an ``(N, K)`` input takes
-half ``k % 2`` of word ``k % 8 // 2`` of counter ``(n * K + k) // 8`` (:func:`keep_mask`). An
-element is kept when its 16 bits are at least ``round(p * 65536)``, and kept values are scaled
-by the exact inverse of the keep probability: unbiased, with ``p`` rounded to a multiple of 1/65536 (0.05 becomes 0.050003).
-Every draw depends on the seed and the position only, so a checkpointed layer's rerun and the
-backward see the very mask the forward used; the seed comes from torch's generator, whose state
-checkpointing saves and restores.
+``tl.rand``; Random123's known answer is tested). One evaluation serves 8 elements, 16 bits each,
+where ``tl.rand`` spends one per element: element ``(n, k)`` of an ``(N, K)`` input takes half
+``k % 2`` of word ``k % 8 // 2`` of counter ``(n * K + k) // 8`` (:func:`keep_mask`). An element
+is kept when its 16 bits are at least ``round(p * 65536)``, and kept values are scaled by the
+exact inverse of the keep probability: unbiased, with ``p`` rounded to a multiple of 1/65536
+(0.05 becomes 0.050003). Every draw depends on the seed and the position only, so a checkpointed
+layer's rerun and the backward see the very mask the forward used; the seed comes from torch's
+generator, whose state checkpointing saves and restores. Inside compiled, checkpointed layers
+the rerun does not even draw again: it reuses the forward's outputs
+(:func:`checkpoint_contexts`, 2 MB per Phi-3 layer at 16k tokens).
 
-Measured on an H100 (benchmarks/RESULTS.md): with checkpointing, 16k-token steps of short texts
-go from ~19.0k to ~20.4k tokens/s together with the base-first LoRA update of
-:func:`lit_cats.nf4.linear_4bit_lora`, and 0.36 GiB less peak memory.
+Measured on an H100, side by side in one process (benchmarks/RESULTS.md, round 5), together
+with the base-GEMM-last LoRA update of :func:`lit_cats.nf4.linear_4bit_lora`: checkpointed
+16k-token steps of short texts 19,205-19,424 -> 20,768-21,210 tokens/s, 1,024-token texts
+18,209 -> 20,149, without checkpointing 27,386 -> 29,124 (peak 63.1 -> 51.6 GiB).
 
 :func:`keep_mask` computes the same mask with torch ops, bit for bit (tested against the kernels
 on a GPU); the op runs on it where there is no Triton (the CPU).

@@ -9,12 +9,16 @@ its inputs, not its output, so the result needs no protection; an out-of-place `
 first copy the whole output, 43 ms of a 16k-token step on an H100).
 
 Inside a ``torch.compile``d layer, where in-place updates of graph intermediates become copies:
-on large steps over a 4-bit base, the base matmul and the in-place update are one custom op
+on large steps over a 4-bit base, the base matmul and the update are one custom op
 (:func:`lit_cats.nf4.linear_4bit_lora`), so there is nothing to copy (H100, one process: 16k-token
 steps without checkpointing 26,671 -> 27,660 tokens/s). Elsewhere (small steps, other bases) it
 is the out-of-place ``addmm``, chosen over ``result + scaling * (h @ B.T)`` (which Inductor folds
 into the next elementwise kernel) before that op existed: the same speed on 16k-token steps and
 0.11 GiB less peak memory at 4,096 tokens, as no update tensor lives beside the output.
+
+On CUDA, in training, ``lora_A(dropout(x))`` is one op whose dropout mask is drawn inside the
+matmul and never stored (:mod:`lit_cats.lora_dropout`): the same dropout in distribution (the
+same rate, unbiased, independent per element), a different random stream from torch's.
 
 Same function, same parameters, same dropout; only rounding differs (the update is added in the
 GEMM's fp32 accumulator instead of after a round to bf16). Layers in any other state (adapters

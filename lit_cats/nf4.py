@@ -1,5 +1,5 @@
 """bitsandbytes' NF4 matmul inside compiled decoder layers: torch ops on small steps, one
-custom op with the LoRA update added in place on large ones.
+custom op with the LoRA update folded into the matmul on large ones.
 
 bitsandbytes runs each 4-bit matmul through Python: its ``gemm_4bit`` custom op dequantizes
 the weight (two kernels with double quantization) and calls ``linear``, and every step goes
@@ -23,11 +23,11 @@ bitsandbytes' hand-written dequantization kernel is the faster one and frees eac
 as its matmul is done. Measured side by side on an H100 (benchmarks/RESULTS.md), compiled layers:
 batch 2 of short texts 0.226 -> 0.182 s/step; packed 16k-token steps 18,202 -> 17,884 tokens/s
 and 4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too. On those large steps a LoRA
-layer's base matmul and its update are one custom op instead (:func:`linear_4bit_lora`), so the
-update is added into the matmul's output in place, which traced code could not do without
-first copying that output. When checkpointing reruns a layer in the backward, that op skips
-the matmuls whose output the backward never reads (:func:`mark_layer_output`): +3-6% per
-checkpointed 16k-token step on an H100.
+layer's base matmul and its update are one custom op instead (:func:`linear_4bit_lora`): the
+small update GEMM writes the output and the base GEMM adds into it in place (beta = 1), which
+traced code could not do without first copying that output. When checkpointing reruns a layer
+in the backward, that op skips the matmuls whose output the backward never reads
+(:func:`mark_layer_output`): +3-6% per checkpointed 16k-token step on an H100.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _supported(layer: nn.Module) -> bool:
     )
 
 
-# ------------------------------------------------------------- large steps: LoRA added in place
+# ------------------------------------------------------------- large steps: LoRA folded in
 def _dequantize_bnb(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -191,8 +191,12 @@ def linear_4bit_lora(
     blocksize: int,
     layer_output: bool,
 ) -> torch.Tensor:
-    """``x @ W.T + scaling * low_rank @ lora_b.T`` for a 2-D ``x``: bitsandbytes' 4-bit matmul,
-    then the LoRA update accumulated into its fresh output in place (one GEMM, no copy).
+    """``x @ W.T + scaling * low_rank @ lora_b.T`` for a 2-D ``x``: the rank-r update GEMM writes
+    the output, then the base GEMM over bitsandbytes' dequantized weight adds into it in place
+    (beta = 1: the output is read in the big GEMM's epilogue, behind its arithmetic). Adding the
+    update after the base GEMM instead (``addmm_`` over its output) reads and writes the whole
+    output once more: on an H100, checkpointed 16k-token steps 19,522 -> 19,868 tokens/s with
+    this order (benchmarks/RESULTS.md, round 5).
 
     With ``layer_output`` (see :func:`mark_layer_output`), a run inside :func:`recomputing`
     returns NaNs instead: the checkpoint that reruns the layer keeps only what the backward
@@ -274,7 +278,7 @@ linear_4bit_lora.register_autograd(_lora_backward, setup_context=_lora_setup)
 def fused_lora_linear(
     layer: nn.Module, x: torch.Tensor, low_rank: torch.Tensor, lora_b: torch.Tensor, scaling: float
 ) -> torch.Tensor | None:
-    """In compiled code, a large step's 4-bit base matmul with the LoRA update added in place
+    """In compiled code, a large step's 4-bit base matmul with the LoRA update folded in
     (:func:`linear_4bit_lora`); None where that does not apply (the caller adds it itself).
 
     Traced, an in-place update of the base output would be functionalized into a copy of the
