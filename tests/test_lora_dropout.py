@@ -103,17 +103,26 @@ def test_fused_dropout_in_the_model_replays_its_mask_under_checkpointing(monkeyp
     assert _loss_and_grads(zero, batch)[0] != results[1][0]  # the dropout does drop
 
 
+@pytest.fixture
+def eager_rng_in_compiled_code():
+    """Compiled code draws random numbers as eager code does (Inductor's fallback_random;
+    config.patch, as monkeypatch would delete the key on undo)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
 @needs_cxx
+@pytest.mark.usefixtures("eager_rng_in_compiled_code")
 def test_fused_dropout_compiled_equals_eager(monkeypatch):
     """In compiled layers (on a large packed step, checkpointed) the op is in the graph and
     the seed comes from torch's generator: the same loss and gradients as eager."""
     import torch._dynamo
-    import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     from lit_cats.nf4 import MAX_TOKENS
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # compiled RNG = eager RNG
     _fused_on_cpu(monkeypatch)
     torch._dynamo.reset()
     settings = {"loss_chunk_size": 512, "fast_lora": True, "upcast_to_fp32": False}
