@@ -13,7 +13,14 @@ import torch
 from lit_cats import lora_dropout
 from lit_cats.lora_dropout import dropout_lora_a, keep_mask, keep_scale, philox, threshold
 from lit_cats.packing import pack_examples
-from tests.test_speed import _assert_close, _examples, _loss_and_grads, _module, needs_cxx
+from tests.test_speed import (
+    _assert_close,
+    _cuda_module,
+    _examples,
+    _loss_and_grads,
+    _module,
+    needs_cxx,
+)
 
 
 def test_philox_is_random123s_philox4x32_10():
@@ -211,3 +218,31 @@ def test_triton_kernels_equal_the_reference_on_gpu(width, rank):
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got_grads[0], ref_grads[0], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(got_grads[1], ref_grads[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_dropout_in_the_model_on_gpu(monkeypatch, compiled):
+    """On CUDA the model's LoRA layers take the Triton op, eager or compiled (a large packed
+    step): a checkpointed step has the loss and gradients of the same step without
+    checkpointing, and differs from a step without dropout."""
+    import torch._dynamo
+
+    from lit_cats.nf4 import MAX_TOKENS
+
+    calls = []
+    real = lora_dropout.dropout_lora_a
+    monkeypatch.setattr(lora_dropout, "dropout_lora_a", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
+    settings = {"fast_lora": True, "compile": compiled, "loss_chunk_size": 512}
+    results = []
+    for checkpointing in (False, True):
+        module = _cuda_module(lora_dropout=0.1, gradient_checkpointing=checkpointing, **settings)
+        torch.manual_seed(5)
+        results.append(_loss_and_grads(module, batch))
+    _assert_close(results[1], results[0], loss_tol=1e-3, grad_tol=2e-2)
+    assert calls  # eager: every call; compiled: traced into the graph
+    no_dropout = _loss_and_grads(_cuda_module(lora_dropout=0.0, **settings), batch)
+    assert no_dropout[0] != results[0][0]
+    torch._dynamo.reset()
