@@ -196,19 +196,22 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def applies(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
-    """Where the op replaces peft's dropout and ``lora_A``: a 2-D 16-bit CUDA input whose width
-    is a multiple of the kernels' 128-column tile, a LoRA rank of at most 128, and Triton."""
+    """Where the op replaces peft's dropout and ``lora_A`` (:mod:`lit_cats.lora_fast`): where
+    its Triton kernels run."""
+    return _kernels_run(x, lora_a)
+
+
+def _kernels_run(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
+    """A 2-D 16-bit CUDA input whose width is a multiple of the kernels' 128-column tile, a LoRA
+    rank of at most 128, and Triton. Elsewhere the op runs on its torch reference."""
     return (
-        _on_triton(x)
+        x.is_cuda
+        and triton is not None
         and x.dim() == 2
         and x.dtype in (torch.bfloat16, torch.float16)
         and x.shape[1] % _WIDTH_MULTIPLE == 0
         and lora_a.shape[0] <= 128
     )
-
-
-def _on_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and triton is not None
 
 
 def _triton_forward(
@@ -291,7 +294,7 @@ def dropout_lora_a(
             return kept
         outputs.clear()
     x = x.contiguous()
-    if _on_triton(x):
+    if _kernels_run(x, lora_a):
         out = _triton_forward(x, lora_a, p, seed)
     else:
         with torch.autocast(x.device.type, enabled=False):
@@ -313,7 +316,7 @@ def dropout_lora_a_backward(
     """Both gradients of :func:`dropout_lora_a`, the mask drawn once: ``keep * scale *
     (grad @ lora_a)`` for ``x`` and ``grad.T @ (keep * scale * x)`` for ``lora_a``."""
     grad, x = grad.contiguous(), x.contiguous()
-    if _on_triton(x):
+    if _kernels_run(x, lora_a):
         return _triton_backward(grad, x, lora_a, p, seed)
     with torch.autocast(x.device.type, enabled=False):
         return _reference_backward(grad, x, lora_a, p, int(seed.item()))
