@@ -213,24 +213,11 @@ def linear_4bit_lora(
     )
 
 
-def _add_4bit_matmul(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-) -> torch.Tensor:
-    """``out += x @ W.T`` in place, W dequantized by bitsandbytes' kernels, as its ``gemm_4bit``
-    does (then ``linear``). One GEMM with beta = 1: it reads ``out`` in its epilogue, hidden
-    behind the matmul's arithmetic."""
-    weight = _dequantize_bnb(
-        packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize, x.dtype
-    )
-    return out.addmm_(x, weight.t())
+def _add_4bit_matmul(out: torch.Tensor, x: torch.Tensor, *weight: Any) -> torch.Tensor:
+    """``out += x @ W.T`` in place, W (``weight``: :func:`_dequantize_bnb`'s arguments but the
+    dtype) dequantized by bitsandbytes' kernels, as its ``gemm_4bit`` does before ``linear``.
+    One GEMM with beta = 1: it reads ``out`` in its epilogue, behind the matmul's arithmetic."""
+    return out.addmm_(x, _dequantize_bnb(*weight, x.dtype).t())
 
 
 @linear_4bit_lora.register_fake
