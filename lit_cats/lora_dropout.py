@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -187,6 +188,11 @@ _FORWARD_TILE, _BACKWARD_TILE = (32, 128), (64, 64)
 _WIDTH_MULTIPLE = 128
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _padded_rank(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())  # tl.dot wants every dimension >= 16
 
@@ -239,7 +245,7 @@ def _triton_backward(
     (n, k), rank = x.shape, lora_a.shape[0]
     (bm, bk), rp = _BACKWARD_TILE, _padded_rank(rank)
     blocks = k // bk
-    sms = sms or torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = sms or _multiprocessors(x.device)
     splits = max(1, min(_cdiv(n, bm), _cdiv(4 * sms, blocks)))  # ~4 programs per SM
     rows_per_split = _cdiv(_cdiv(n, splits), bm) * bm
     splits = max(1, _cdiv(n, rows_per_split))
