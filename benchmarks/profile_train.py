@@ -7,6 +7,7 @@ time per step (sum of kernel times), and the top operators by device and by host
 
     python benchmarks/profile_train.py --shape b2        # the original's shape, batch 2
     python benchmarks/profile_train.py --shape pack16k   # a packed 16k-token step
+    python benchmarks/profile_train.py --shape long      # 16 packed 1,024-token texts
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def batches(shape: str, vocab: int, pad_multiple: int = 1) -> list[dict]:
     from lit_cats.data import collate
     from lit_cats.packing import TokenBudgetBatchSampler, pack_examples
 
-    data = make_workload("short", vocab, 4000)
+    if shape == "long":
+        data = make_workload("long", vocab, 200)
+    else:
+        data = make_workload("short", vocab, 4000)
     examples = [{"input_ids": x, "labels": x} for x in data]
     if shape == "b2":
         return [collate(examples[i : i + 2], 0, pad_multiple) for i in range(0, 20, 2)]
@@ -40,7 +44,7 @@ def batches(shape: str, vocab: int, pad_multiple: int = 1) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     """Profile steps 4-6 of ten and print the summary."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", choices=["b2", "pack16k"], default="b2")
+    parser.add_argument("--shape", choices=["b2", "pack16k", "long"], default="b2")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/phi3-random"))
     parser.add_argument("--plain", action="store_true", help="qlora.yaml settings, not fast")
     parser.add_argument("--no-gc", action="store_true")

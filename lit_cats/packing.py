@@ -8,7 +8,10 @@ step into one row of up to ``max_tokens`` tokens, with no padding at all:
   as they would alone;
 - attention stays inside each example: variable-length FlashAttention over the cumulative
   sequence lengths ``cu_seq_lens`` on CUDA (``torch.nn.attention.varlen``), one causal SDPA call
-  per example elsewhere (tests, CPU: a custom op, so ``torch.compile``d layers keep it whole);
+  per example elsewhere (tests, CPU: a custom op, so ``torch.compile``d layers keep it whole).
+  A row whose examples all have the same length (fixed-length chunks of a long text) is one
+  batch of equal sequences: one batched causal attention call, through cuDNN on Hopper GPUs
+  (1.4x FlashAttention-2's speed at 1,024 tokens on an H100: ``benchmarks/RESULTS.md``);
 - the first token of every example carries no label, so no example learns to predict the next
   example's first token, and the mean loss equals the unpacked batch's loss over the same tokens.
 
@@ -275,6 +278,139 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
 segmented_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+#: CUDA device index -> whether cuDNN's fused attention is used there (Hopper, cuDNN present),
+#: read once at registration (device queries cannot run inside a ``torch.compile``d layer).
+_CUDNN_DEVICES: dict[int, bool] = {}
+
+
+def _cudnn_attention_applies(q: torch.Tensor) -> bool:
+    """Whether cuDNN's fused attention serves batched causal attention of ``q``'s kind here.
+
+    Hopper only: measured faster than FlashAttention-2 there (H100); elsewhere unmeasured.
+    """
+    return (
+        q.is_cuda
+        and _CUDNN_DEVICES.get(q.device.index, False)
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 128
+    )
+
+
+def _batched(t: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count * length, heads, dim)`` -> ``(count, heads, length, dim)``, a view."""
+    return t.unflatten(0, (count, -1)).transpose(1, 2)
+
+
+def _unbatched(t: torch.Tensor) -> torch.Tensor:
+    """``(count, heads, length, dim)`` -> ``(count * length, heads, dim)``."""
+    return t.transpose(1, 2).flatten(0, 1)
+
+
+# cuDNN's attention as one opaque op on the same contiguous (total, heads, dim) tensors as the
+# varlen kernel: inside a compiled layer, Inductor then feeds it exactly as it feeds varlen
+# FlashAttention (with aten's SDPA op in the graph it wrote q, k and v in three extra kernels).
+@torch.library.custom_op("lit_cats::cudnn_causal_attention", mutates_args=())
+def _cudnn_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``count`` equal-length examples; returns the output and the
+    softmax's log-sum-exp (``(count, heads, length, 1)``, fp32) for the backward."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _batched(q, count),
+        _batched(k, count),
+        _batched(v, count),
+        None,
+        True,
+        0.0,
+        True,
+        False,
+        scale=scale,
+    )[:2]
+    return _unbatched(out).contiguous(), lse
+
+
+@_cudnn_causal_attention.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    heads = q.shape[1]
+    lse = q.new_empty((count, heads, q.shape[0] // count, 1), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("lit_cats::cudnn_causal_attention_backward", mutates_args=())
+def _cudnn_causal_attention_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    count: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_cudnn_causal_attention` (cuDNN's fused backward)."""
+    length = q.shape[0] // count
+    unused = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout's seed and offset
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        *(_batched(t, count) for t in (grad, q, k, v, out)),
+        lse,
+        unused,
+        unused,
+        None,
+        None,
+        None,
+        length,
+        length,
+        0.0,
+        True,
+        scale=scale,
+    )
+    return tuple(_unbatched(g).contiguous() for g in grads)  # type: ignore[return-value]
+
+
+@_cudnn_causal_attention_backward.register_fake
+def _(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    count: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _cudnn_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, ctx.count, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _cudnn_backward(ctx: Any, grad: torch.Tensor, _grad_lse: Any) -> tuple:
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _cudnn_causal_attention_backward(
+        grad.contiguous(), q, k, v, out, lse, ctx.count, ctx.scale
+    )
+    return dq, dk, dv, None, None
+
+
+_cudnn_causal_attention.register_autograd(_cudnn_backward, setup_context=_cudnn_setup_context)
+
+
+def _equal_length_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int, scale: float
+) -> torch.Tensor:
+    """Causal attention over ``count`` examples of equal length, packed as
+    ``(count * length, heads, dim)``: one batched call (cuDNN on Hopper, else SDPA)."""
+    if _cudnn_attention_applies(q):
+        return _cudnn_causal_attention(q, k, v, count, scale)[0]
+    qb, kb, vb = (_batched(t, count) for t in (q, k, v))
+    return _unbatched(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale))
+
+
 def varlen_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -325,7 +461,11 @@ def varlen_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # (1, heads, total, dim) -> (total, heads, dim)
     q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    count = cu.shape[0] - 1
+    if q.shape[0] == count * max_len and (not q.is_cuda or _cudnn_attention_applies(q)):
+        # Every example has the longest one's length: a batch of equal sequences.
+        out = _equal_length_attention(q, k, v, count, scale)
+    elif q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = _flash_varlen(q, k, v, cu, int(max_len), scale)
     else:
         out = segmented_causal_attention(q, k, v, cu, scale)
@@ -341,4 +481,10 @@ def register_varlen_attention() -> str:
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     if torch.cuda.is_available():
         _varlen_signature()
+        for index in range(torch.cuda.device_count()):
+            _CUDNN_DEVICES.setdefault(
+                index,
+                torch.backends.cudnn.is_available()
+                and torch.cuda.get_device_capability(index)[0] == 9,
+            )
     return VARLEN_ATTENTION

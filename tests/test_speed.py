@@ -153,6 +153,68 @@ def test_varlen_attention_keeps_examples_apart():
         varlen_attention_forward(None, q, k, v, None)
 
 
+def test_equal_length_packs_attend_as_one_batch(monkeypatch):
+    """A row of equal-length examples takes the batched path, with the per-example result."""
+    from lit_cats import packing
+
+    calls = []
+    batched = packing._equal_length_attention
+    monkeypatch.setattr(
+        packing, "_equal_length_attention", lambda *a: calls.append(a[3]) or batched(*a)
+    )
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 6, 12, 18], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 18, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, _ = varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=6)
+    assert calls == [3]
+    flat = [t.squeeze(0).transpose(0, 1) for t in (q, k, v)]
+    ref = packing._segmented_sdpa(*flat, cu, 8**-0.5).unsqueeze(0)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    for g, r in zip(
+        torch.autograd.grad(out, (q, k, v), grad),
+        torch.autograd.grad(ref, (q, k, v), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, r)
+    # Unequal lengths keep the per-example path.
+    cu = torch.tensor([0, 6, 11, 18], dtype=torch.int32)
+    varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=7)
+    assert calls == [3]
+
+
+@pytest.mark.gpu
+def test_equal_length_packs_use_cudnn_and_match_flash_varlen_on_gpu():
+    """Hopper: the batched path is cuDNN's fused attention; it matches varlen FlashAttention-2."""
+    from lit_cats import packing
+
+    packing.register_varlen_attention()
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("cuDNN attention is used on Hopper GPUs only")
+    torch.manual_seed(0)
+    count, length, heads, dim = 4, 1024, 8, 96
+    cu = torch.arange(0, (count + 1) * length, length, dtype=torch.int32, device="cuda")
+    qkv = [
+        torch.randn(count * length, heads, dim, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3)
+    ]
+    assert packing._cudnn_attention_applies(qkv[0])
+    grad = torch.randn_like(qkv[0])
+    results = []
+    for attend in (
+        lambda q, k, v: packing._equal_length_attention(q, k, v, count, dim**-0.5),
+        lambda q, k, v: packing._flash_varlen(q, k, v, cu, length, dim**-0.5),
+    ):
+        inputs = [t.clone().requires_grad_() for t in qkv]
+        out = attend(*inputs)
+        results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    for got, ref in zip(*results, strict=True):
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    # Registration (schema, fake tensors, autograd) as torch.compile relies on it.
+    inputs = [t[: 2 * length].clone().requires_grad_() for t in qkv]
+    torch.library.opcheck(packing._cudnn_causal_attention, (*inputs, 2, dim**-0.5))
+
+
 def test_segmented_attention_op_has_sdpa_gradients():
     from lit_cats.packing import _segmented_sdpa, segmented_causal_attention
 
