@@ -19,10 +19,13 @@ never the 16-bit one. Weights in any other layout (FP4, other storage types, CPU
 bitsandbytes' path.
 
 Only steps of at most :data:`MAX_TOKENS` tokens take this path; larger ones are GPU-bound, where
-bitsandbytes' hand-written dequantization kernel is the faster one and frees each weight as soon
-as its matmul is done. Measured side by side on an H100 (benchmarks/RESULTS.md), compiled layers:
-batch 2 of short texts 0.226 -> 0.182 s/step; packed 16k-token steps 18,202 -> 17,884 tokens/s
-and 4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too. On those large steps a LoRA
+a hand-written dequantization kernel is the faster one and frees each weight as soon as its
+matmul is done: bitsandbytes' on the CPU, on CUDA one Triton kernel that also decodes the
+double-quantized absmax on the way (:func:`_dequantize_triton`: 42-54 us per Phi-3-mini weight
+on an H100 against bitsandbytes' 86 us for its two kernels and an add; bit-identical). The
+torch-op path, measured side by side on an H100 (benchmarks/RESULTS.md), compiled layers: batch
+2 of short texts 0.226 -> 0.182 s/step; packed 16k-token steps 18,202 -> 17,884 tokens/s and
+4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too. On those large steps a LoRA
 layer's base matmul and its update are one custom op instead (:func:`linear_4bit_lora`): the
 small update GEMM writes the output and the base GEMM adds into it in place (beta = 1), which
 traced code could not do without first copying that output. When checkpointing reruns a layer
@@ -33,6 +36,7 @@ in the backward, that op skips the matmuls whose output the backward never reads
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import types
 from collections.abc import Iterator
@@ -157,6 +161,100 @@ def _supported(layer: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------- large steps: LoRA folded in
+# ------------------------------------------------- large steps: one dequantization kernel
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch: bitsandbytes' kernels
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_kernel(
+        packed, absmax, absmax_scale, absmax_code, offset, code, out, numel,
+        NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr,
+    ):  # fmt: skip
+        """``BYTES`` packed bytes -> ``2 * BYTES`` weights; under double quantization each
+        block's absmax is decoded on the way (bitsandbytes: two kernels and a torch add)."""
+        start = tl.program_id(0).to(tl.int64) * BYTES
+        index = start + tl.arange(0, BYTES)
+        inside = index * 2 < numel
+        byte = tl.load(packed + index, mask=inside, other=0).to(tl.int32)
+        block = index * 2 // BLOCKSIZE  # a byte's two weights share their block
+        if NESTED:
+            quantized = tl.load(absmax + block, mask=inside, other=0).to(tl.int32)
+            group = tl.load(absmax_scale + block // 256, mask=inside, other=0.0)
+            scale = tl.load(absmax_code + quantized) * group + tl.load(offset)
+        else:
+            scale = tl.load(absmax + block, mask=inside, other=0.0)
+        high = tl.load(code + (byte >> 4)) * scale  # high nibble first
+        low = tl.load(code + (byte & 15)) * scale
+        where = start * 2 + tl.arange(0, 2 * BYTES)
+        values = tl.join(high, low).reshape(2 * BYTES)
+        tl.store(out + where, values.to(out.dtype.element_ty), mask=where < numel)
+
+
+_DEQUANTIZE_BYTES = 1024
+
+
+@functools.cache
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    """bitsandbytes' 16 NF4 values, on ``device``."""
+    from bitsandbytes.functional import get_4bit_type
+
+    return get_4bit_type("nf4", device=device).float().contiguous()
+
+
+# A custom op: the backward of linear_4bit_lora is traced with fake tensors when compiled.
+@torch.library.custom_op("lit_cats::dequantize_nf4", mutates_args=())
+def _dequantize_triton(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`_dequantize_bnb`'s result, bit for bit, in one kernel (tests/test_speed.py)."""
+    numel = shape[0] * shape[1]
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    nested = absmax_scale is not None
+    grid = (-(-numel // (2 * _DEQUANTIZE_BYTES)),)
+    _dequantize_kernel[grid](
+        packed, absmax,
+        absmax_scale if nested else absmax, absmax_code if nested else absmax,
+        offset if nested else absmax,
+        _nf4_code(packed.device), out, numel,
+        NESTED=nested, BLOCKSIZE=blocksize, BYTES=_DEQUANTIZE_BYTES, num_warps=4,
+        enable_fp_fusion=False,  # a * b + c rounded twice, as bitsandbytes and torch do
+    )  # fmt: skip
+    return out
+
+
+@_dequantize_triton.register_fake
+def _(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    return packed.new_empty(shape, dtype=dtype)
+
+
+def _dequantize(*weight: Any) -> torch.Tensor:
+    """The large-step dequantization: one Triton kernel on CUDA, else bitsandbytes'."""
+    if triton is not None and weight[0].is_cuda:
+        return _dequantize_triton(*weight)
+    return _dequantize_bnb(*weight)
+
+
 def _dequantize_bnb(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -215,9 +313,10 @@ def linear_4bit_lora(
 
 def _add_4bit_matmul(out: torch.Tensor, x: torch.Tensor, *weight: Any) -> torch.Tensor:
     """``out += x @ W.T`` in place, W (``weight``: :func:`_dequantize_bnb`'s arguments but the
-    dtype) dequantized by bitsandbytes' kernels, as its ``gemm_4bit`` does before ``linear``.
-    One GEMM with beta = 1: it reads ``out`` in its epilogue, behind the matmul's arithmetic."""
-    return out.addmm_(x, _dequantize_bnb(*weight, x.dtype).t())
+    dtype) dequantized first (:func:`_dequantize`), as bitsandbytes' ``gemm_4bit`` does before
+    ``linear``. One GEMM with beta = 1: it reads ``out`` in its epilogue, behind the matmul's
+    arithmetic."""
+    return out.addmm_(x, _dequantize(*weight, x.dtype).t())
 
 
 @linear_4bit_lora.register_fake
@@ -250,7 +349,7 @@ def _lora_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, .
     need_x, need_low, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_low = grad_b = None
     if need_x:  # the weight is dequantized again, as bitsandbytes' own backward does
-        weight = _dequantize_bnb(packed, absmax, scale, code, offset, shape, blocksize, grad.dtype)
+        weight = _dequantize(packed, absmax, scale, code, offset, shape, blocksize, grad.dtype)
         grad_x = grad @ weight
     if need_low:
         grad_low = (grad @ lora_b.to(grad.dtype)) * scaling

@@ -506,7 +506,7 @@ def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested, device="cpu"):
     from lit_cats.nf4 import dequantize_nf4
 
     # 96 x 200: 300 blocks of 64, not a whole number of the 256-block absmax groups.
-    weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(0)).bfloat16()
+    weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(1)).bfloat16()
     weight = weight.to(device)
     packed, state = quantize_4bit(
         weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
@@ -521,6 +521,70 @@ def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested, device="cpu"):
 @pytest.mark.gpu
 def test_nf4_dequantization_is_bitsandbytes_cuda_kernel_bit_for_bit():
     test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested=True, device="cuda")
+
+
+def _quantized_weight(nested: bool, device: str, rows: int = 96, cols: int = 200) -> tuple:
+    """A bitsandbytes NF4 weight (default 96 x 200: 300 blocks of 64, not a whole number of
+    256-block absmax groups) as the large-step op's arguments, and its quant state."""
+    from bitsandbytes.functional import quantize_4bit
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, cols, generator=gen).bfloat16().to(device)
+    packed, state = quantize_4bit(
+        weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
+    )
+    double = (state.state2.absmax, state.state2.code, state.offset) if nested else (None,) * 3
+    return (packed, state.absmax, *double, list(state.shape), state.blocksize), state
+
+
+_DEQUANTIZE_CHECK = """
+import torch
+from bitsandbytes.functional import quantize_4bit
+from lit_cats import nf4
+for nested in (True, False):
+    weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(1)).bfloat16()
+    packed, state = quantize_4bit(
+        weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
+    )
+    double = (state.state2.absmax, state.state2.code, state.offset) if nested else (None,) * 3
+    weight = (packed, state.absmax, *double, list(state.shape), state.blocksize)
+    for dtype in (torch.float32, torch.float16):
+        ref = nf4.dequantize_nf4(*weight[:5], state.code, *weight[5:], dtype)
+        assert torch.equal(nf4._dequantize_triton(*weight, dtype), ref), (nested, dtype)
+print("dequantization ok")
+"""
+
+
+def test_dequantization_kernel_equals_the_reference_in_tritons_interpreter():
+    """The large steps' Triton dequantization, run on the CPU by Triton's interpreter, gives
+    the torch reference's weights (bitsandbytes' own, bit for bit) with and without double
+    quantization (fp32 and fp16: the interpreter rounds bf16 its own way)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA torch)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _DEQUANTIZE_CHECK], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "dequantization ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
+def test_dequantization_kernel_is_bitsandbytes_bit_for_bit_on_gpu(nested):
+    """On CUDA, large steps dequantize with one Triton kernel: bitsandbytes' bf16 weights."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lit_cats import nf4
+
+    for rows, cols in ((96, 200), (3072, 8192)):
+        weight, state = _quantized_weight(nested, "cuda", rows, cols)
+        got = nf4._dequantize(*weight, torch.bfloat16)
+        assert torch.equal(got, dequantize_4bit(weight[0], state))
+        assert torch.equal(got, nf4._dequantize_bnb(*weight, torch.bfloat16))
+    # Registration (schema, fake tensors) as the compiled backward relies on it.
+    torch.library.opcheck(nf4._dequantize_triton, (*weight, torch.bfloat16))
 
 
 def test_compiled_4bit_layer_has_no_bitsandbytes_call_and_the_same_gradients():
