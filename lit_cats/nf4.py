@@ -160,7 +160,6 @@ def _supported(layer: nn.Module) -> bool:
     )
 
 
-# ------------------------------------------------------------- large steps: LoRA folded in
 # ------------------------------------------------- large steps: one dequantization kernel
 try:
     import triton
@@ -274,6 +273,7 @@ def _dequantize_bnb(
     return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, dtype)
 
 
+# ------------------------------------------------------------- large steps: LoRA folded in
 @torch.library.custom_op("lit_cats::linear_4bit_lora", mutates_args=())
 def linear_4bit_lora(
     x: torch.Tensor,
