@@ -221,7 +221,7 @@ def _dequantize_triton(
     numel = shape[0] * shape[1]
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     nested = absmax_scale is not None
-    grid = (-(-numel // (2 * _DEQUANTIZE_BYTES)),)
+    grid = (triton.cdiv(numel, 2 * _DEQUANTIZE_BYTES),)
     _dequantize_kernel[grid](
         packed, absmax,
         absmax_scale if nested else absmax, absmax_code if nested else absmax,
@@ -234,16 +234,7 @@ def _dequantize_triton(
 
 
 @_dequantize_triton.register_fake
-def _(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def _(packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 

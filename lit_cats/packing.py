@@ -331,11 +331,8 @@ def _cudnn_causal_attention(
 
 
 @_cudnn_causal_attention.register_fake
-def _(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    heads = q.shape[1]
-    lse = q.new_empty((count, heads, q.shape[0] // count, 1), dtype=torch.float32)
+def _(q, k, v, count, scale):
+    lse = q.new_empty((count, q.shape[1], q.shape[0] // count, 1), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
@@ -371,16 +368,7 @@ def _cudnn_causal_attention_backward(
 
 
 @_cudnn_causal_attention_backward.register_fake
-def _(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    count: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(grad, q, k, v, out, lse, count, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -404,8 +392,9 @@ def _equal_length_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int, scale: float
 ) -> torch.Tensor:
     """Causal attention over ``count`` examples of equal length, packed as
-    ``(count * length, heads, dim)``: one batched call (cuDNN on Hopper, else SDPA)."""
-    if _cudnn_attention_applies(q):
+    ``(count * length, heads, dim)``: one batched call, cuDNN's on CUDA (the caller sends CUDA
+    rows here only where :func:`_cudnn_attention_applies`), else SDPA."""
+    if q.is_cuda:
         return _cudnn_causal_attention(q, k, v, count, scale)[0]
     qb, kb, vb = (_batched(t, count) for t in (q, k, v))
     return _unbatched(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale))
