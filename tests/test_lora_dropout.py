@@ -3,10 +3,6 @@ op's gradients, and the op in the model (checkpointing's rerun must draw the sam
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,6 +16,7 @@ from tests.test_speed import (
     _loss_and_grads,
     _module,
     needs_cxx,
+    run_in_tritons_interpreter,
 )
 
 
@@ -189,10 +186,7 @@ print("kernels ok")
 def test_triton_kernels_equal_the_reference_in_tritons_interpreter():
     """The kernels themselves, run on the CPU by Triton's interpreter (fp16: the interpreter
     has no bf16): the same mask as keep_mask, bit for bit, and the reference's numbers."""
-    pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA torch)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    done = run_in_tritons_interpreter(_KERNEL_CHECK)
     assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
 
 

@@ -10,7 +10,10 @@ compiled layers (Inductor fuses bf16 elementwise work): the same bounds (4.8e-5,
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -499,30 +502,6 @@ def test_compiled_layers_equal_eager_layers_on_gpu():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
-def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested, device="cpu"):
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-    from lit_cats.nf4 import dequantize_nf4
-
-    # 96 x 200: 300 blocks of 64, not a whole number of the 256-block absmax groups.
-    weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(1)).bfloat16()
-    weight = weight.to(device)
-    packed, state = quantize_4bit(
-        weight, blocksize=64, compress_statistics=nested, quant_type="nf4"
-    )
-    double = (state.state2.absmax, state.state2.code, state.offset) if nested else (None,) * 3
-    got = dequantize_nf4(
-        packed, state.absmax, *double, state.code, state.shape, state.blocksize, torch.bfloat16
-    )
-    assert torch.equal(got, dequantize_4bit(packed, state))
-
-
-@pytest.mark.gpu
-def test_nf4_dequantization_is_bitsandbytes_cuda_kernel_bit_for_bit():
-    test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested=True, device="cuda")
-
-
 def _quantized_weight(nested: bool, device: str, rows: int = 96, cols: int = 200) -> tuple:
     """A bitsandbytes NF4 weight (default 96 x 200: 300 blocks of 64, not a whole number of
     256-block absmax groups) as the large-step op's arguments, and its quant state."""
@@ -535,6 +514,31 @@ def _quantized_weight(nested: bool, device: str, rows: int = 96, cols: int = 200
     )
     double = (state.state2.absmax, state.state2.code, state.offset) if nested else (None,) * 3
     return (packed, state.absmax, *double, list(state.shape), state.blocksize), state
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
+def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested, device="cpu"):
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lit_cats.nf4 import dequantize_nf4
+
+    (packed, *quantized, shape, blocksize), state = _quantized_weight(nested, device)
+    got = dequantize_nf4(packed, *quantized, state.code, shape, blocksize, torch.bfloat16)
+    assert torch.equal(got, dequantize_4bit(packed, state))
+
+
+@pytest.mark.gpu
+def test_nf4_dequantization_is_bitsandbytes_cuda_kernel_bit_for_bit():
+    test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested=True, device="cuda")
+
+
+def run_in_tritons_interpreter(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python whose Triton kernels run on the CPU (``TRITON_INTERPRET``
+    must be set before Triton is imported, hence the subprocess); skips without Triton."""
+    pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA torch)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
 
 
 _DEQUANTIZE_CHECK = """
@@ -559,14 +563,7 @@ def test_dequantization_kernel_equals_the_reference_in_tritons_interpreter():
     """The large steps' Triton dequantization, run on the CPU by Triton's interpreter, gives
     the torch reference's weights (bitsandbytes' own, bit for bit) with and without double
     quantization (fp32 and fp16: the interpreter rounds bf16 its own way)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton", reason="Triton is not installed (it comes with CUDA torch)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", _DEQUANTIZE_CHECK], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = run_in_tritons_interpreter(_DEQUANTIZE_CHECK)
     assert done.returncode == 0 and "dequantization ok" in done.stdout, done.stderr[-3000:]
 
 
