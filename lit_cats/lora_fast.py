@@ -18,7 +18,10 @@ into the next elementwise kernel) before that op existed: the same speed on 16k-
 
 On CUDA, in training, ``lora_A(dropout(x))`` is one op whose dropout mask is drawn inside the
 matmul and never stored (:mod:`lit_cats.lora_dropout`): the same dropout in distribution (the
-same rate, unbiased, independent per element), a different random stream from torch's.
+same rate, unbiased, independent per element), a different random stream from torch's. Inside
+compiled layers on large steps, that op and the 4-bit one are a single op
+(:func:`lit_cats.nf4.dropout_linear_4bit_lora`), so that the backward sums the two gradients
+of ``x`` in the base GEMM's epilogue rather than in a separate pass.
 
 Same function, same parameters, same dropout; only rounding differs (the update is added in the
 GEMM's fp32 accumulator instead of after a round to bf16). Layers in any other state (adapters
@@ -36,7 +39,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lit_cats import lora_dropout
-from lit_cats.nf4 import fused_lora_linear
+from lit_cats.nf4 import fused_dropout_lora_linear, fused_lora_linear
 
 
 def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -55,7 +58,14 @@ def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
     scaling = self.scaling[name]
     x_2d = x.reshape(-1, x.shape[-1])
-    low_rank = _dropout_lora_a(self.lora_dropout[name], x_2d, lora_a)
+    low_rank = None
+    seeded = _seeded_dropout(self.lora_dropout[name], x_2d, lora_a)
+    if seeded is not None:
+        x_drop, p, seed = seeded
+        fused = fused_dropout_lora_linear(self.base_layer, x_drop, lora_a, lora_b, scaling, p, seed)
+        if fused is not None:  # compiled, large step, 4-bit base: the whole layer as one op
+            return fused.to(x.dtype).view(*x.shape[:-1], fused.shape[-1])
+        low_rank = lora_dropout.dropout_lora_a(x_drop, lora_a, p, seed)
     if low_rank is None:
         h = self.lora_dropout[name](x_2d)
         if not torch.is_autocast_enabled(x.device.type):  # peft: LoRA in its weights' dtype
@@ -75,12 +85,13 @@ def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) ->
     return result.view(*x.shape[:-1], result.shape[-1])
 
 
-def _dropout_lora_a(
+def _seeded_dropout(
     dropout: nn.Module, x: torch.Tensor, lora_a: torch.Tensor
-) -> torch.Tensor | None:
-    """``lora_A(dropout(x))`` as one op whose mask is drawn from a seed and never stored
-    (:mod:`lit_cats.lora_dropout`): training with dropout under autocast, on CUDA with Triton.
-    None elsewhere (the caller runs peft's dropout and ``lora_A``)."""
+) -> tuple[torch.Tensor, float, torch.Tensor] | None:
+    """For ``lora_A(dropout(x))`` as one op whose mask is drawn from a seed and never stored
+    (:mod:`lit_cats.lora_dropout`): ``x`` in the autocast dtype, the rate, and a fresh seed.
+    Training with dropout under autocast, on CUDA with Triton; None elsewhere (the caller runs
+    peft's dropout and ``lora_A``)."""
     device = x.device.type
     if not (
         isinstance(dropout, nn.Dropout)
@@ -93,7 +104,7 @@ def _dropout_lora_a(
     if not lora_dropout.applies(x, lora_a):
         return None
     seed = torch.randint(1 << 62, (1,), device=x.device)  # torch's RNG: checkpointing replays it
-    return lora_dropout.dropout_lora_a(x, lora_a, dropout.p, seed)
+    return x, dropout.p, seed
 
 
 def enable_fast_lora(model: nn.Module) -> int:

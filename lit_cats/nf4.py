@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_cats import lora_dropout
+
 #: Largest step, in tokens, whose compiled 4-bit matmuls run as torch ops (see above).
 MAX_TOKENS = 2048
 
@@ -352,6 +354,144 @@ def _lora_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, .
 linear_4bit_lora.register_autograd(_lora_backward, setup_context=_lora_setup)
 
 
+# ------------------------------------------ large steps: LoRA dropout and LoRA-A folded in too
+@torch.library.custom_op("lit_cats::dropout_linear_4bit_lora", mutates_args=())
+def dropout_linear_4bit_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    p: float,
+    seed: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    layer_output: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_4bit_lora` of ``x`` and ``low = dropout_lora_a(x, lora_a, p, seed)``
+    (:mod:`lit_cats.lora_dropout`) as one op; returns the output and ``low``.
+
+    One op so that its backward can sum the two gradients of ``x`` in a GEMM's epilogue: the
+    dropout kernel writes the LoRA branch's gradient, then the base GEMM over the dequantized
+    weight adds into it in place (beta = 1). As two ops, each wrote its own ``(tokens,
+    in_features)`` gradient and autograd added them: a separate kernel (``o_proj``'s input) or an
+    extra input read by the next fused kernel (SwiGLU's and RMSNorm's backward).
+    """
+    low = lora_dropout.dropout_lora_a(x, lora_a, p, seed)
+    out = linear_4bit_lora(
+        x, low, lora_b, scaling, packed, absmax, absmax_scale, absmax_code, offset, shape,
+        blocksize, layer_output,
+    )  # fmt: skip
+    return out, low
+
+
+@dropout_linear_4bit_lora.register_fake
+def _(x, lora_a, lora_b, scaling, p, seed, packed, absmax, absmax_scale, absmax_code, offset,
+      shape, blocksize, layer_output):  # fmt: skip
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("lit_cats::dropout_linear_4bit_lora_backward", mutates_args=())
+def dropout_linear_4bit_lora_backward(
+    grad: torch.Tensor,
+    grad_low: torch.Tensor | None,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    low: torch.Tensor,
+    seed: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax_scale: torch.Tensor | None,
+    absmax_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    shape: list[int],
+    blocksize: int,
+    need_x: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``x``, ``lora_a`` and ``lora_b`` of :func:`dropout_linear_4bit_lora`
+    (``grad_low``: that of its second output, None where nothing used it). Without ``need_x``
+    the base GEMM is skipped and the first result is only the LoRA branch's share."""
+    low_grad = (grad @ lora_b.to(grad.dtype)) * scaling
+    if grad_low is not None:
+        low_grad = low_grad + grad_low
+    grad_b = ((grad.t() @ low.to(grad.dtype)) * scaling).to(lora_b.dtype)
+    grad_x, grad_a = lora_dropout.dropout_lora_a_backward(low_grad.to(x.dtype), x, lora_a, p, seed)
+    if need_x:  # the base GEMM adds its gradient into the LoRA branch's (beta = 1)
+        weight = _dequantize(packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize,
+                             grad.dtype)  # fmt: skip
+        grad_x.addmm_(grad, weight)
+    return grad_x, grad_a, grad_b
+
+
+@dropout_linear_4bit_lora_backward.register_fake
+def _(grad, grad_low, x, lora_a, lora_b, low, seed, packed, absmax, absmax_scale, absmax_code,
+      offset, scaling, p, shape, blocksize, need_x):  # fmt: skip
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+def _dropout_lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, lora_a, lora_b, scaling, p, seed, *weight, shape, blocksize, _ = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, output[1], seed, *weight)
+    ctx.meta = (scaling, p, shape, blocksize)
+
+
+def _dropout_lora_backward(
+    ctx: Any, grad: torch.Tensor, grad_low: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    x, lora_a, lora_b, low, seed, *weight = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    grad_x, grad_a, grad_b = dropout_linear_4bit_lora_backward(
+        grad, grad_low, x, lora_a, lora_b, low, seed, *weight, *ctx.meta, need_x
+    )
+    return grad_x if need_x else None, grad_a, grad_b, *([None] * 11)
+
+
+dropout_linear_4bit_lora.register_autograd(
+    _dropout_lora_backward, setup_context=_dropout_lora_setup
+)
+
+
+def _fuses(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Compiled code, a large 2-D step, a supported 4-bit base without bias."""
+    return (
+        torch.compiler.is_compiling()
+        and x.dim() == 2
+        and not _small_step(x)
+        and getattr(layer, "bias", None) is None
+        and hasattr(layer, "_lit_cats_bnb_forward")
+        and _supported(layer)
+    )
+
+
+def fused_dropout_lora_linear(
+    layer: nn.Module,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    p: float,
+    seed: torch.Tensor,
+) -> torch.Tensor | None:
+    """In compiled code, a large step's whole LoRA layer, dropout included, as one op
+    (:func:`dropout_linear_4bit_lora`), in ``x``'s dtype; None where it does not apply (then
+    :func:`fused_lora_linear` may)."""
+    if not _fuses(layer, x) or x.dtype != (layer.compute_dtype or x.dtype):
+        return None
+    state = layer.weight.quant_state
+    out, _ = dropout_linear_4bit_lora(
+        x, lora_a, lora_b, scaling, p, seed, *_quantized(layer), list(state.shape),
+        state.blocksize, getattr(layer, "_lit_cats_layer_output", False),
+    )  # fmt: skip
+    return out
+
+
 def fused_lora_linear(
     layer: nn.Module, x: torch.Tensor, low_rank: torch.Tensor, lora_b: torch.Tensor, scaling: float
 ) -> torch.Tensor | None:
@@ -362,14 +502,7 @@ def fused_lora_linear(
     whole ``(tokens, out_features)`` output first (43 ms of a 16k-token step on an H100); as one
     custom op, there is nothing for the compiler to copy.
     """
-    if (
-        not torch.compiler.is_compiling()
-        or x.dim() != 2
-        or _small_step(x)
-        or getattr(layer, "bias", None) is not None
-        or not hasattr(layer, "_lit_cats_bnb_forward")
-        or not _supported(layer)
-    ):
+    if not _fuses(layer, x):
         return None
     state = layer.weight.quant_state
     out = linear_4bit_lora(

@@ -654,6 +654,64 @@ def test_4bit_lora_op_is_bitsandbytes_matmul_plus_the_update():
         assert _rel(g, t.grad) < 2e-2
 
 
+def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces():
+    """The whole LoRA layer of large compiled steps as one op (nf4.dropout_linear_4bit_lora):
+    its output, its low-rank output and the gradients of x, A and B are those of the dropout op
+    followed by the 4-bit LoRA op under the same seed, whether or not the low-rank output is
+    used downstream. Only the rounding of x's gradient differs (the two shares are summed in
+    the GEMM's accumulator)."""
+    _, (x, _, b, _, *weight) = _lora_op_inputs()
+    # A and B small enough that the base and the LoRA branch have gradients of x of one size
+    a = 0.1 * torch.randn(8, x.shape[1], generator=torch.Generator().manual_seed(4))
+    _check_dropout_lora_op(x, a.requires_grad_(), (0.1 * b).detach().requires_grad_(), weight)
+
+
+@pytest.mark.gpu
+def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces_on_gpu():
+    """The same on CUDA, where the dropout runs as Triton kernels and the base weight is
+    dequantized by the Triton kernel (3,001 rows: a partial last tile)."""
+    from lit_cats import lora_dropout
+
+    (*quantized, shape, blocksize), _ = _quantized_weight(True, "cuda", rows=384, cols=256)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3001, 256, device="cuda", generator=gen).bfloat16().requires_grad_()
+    a = 0.1 * torch.randn(16, 256, device="cuda", generator=gen)
+    b = 0.1 * torch.randn(384, 16, device="cuda", generator=gen)
+    assert lora_dropout.applies(x, a)
+    weight = [*quantized, shape, blocksize, False]
+    _check_dropout_lora_op(x, a.requires_grad_(), b.requires_grad_(), weight)
+
+
+def _check_dropout_lora_op(x, a, b, weight, scaling=2.0) -> None:
+    from lit_cats.lora_dropout import dropout_lora_a
+    from lit_cats.nf4 import (
+        dropout_linear_4bit_lora,
+        dropout_linear_4bit_lora_backward,
+        linear_4bit_lora,
+    )
+
+    p, seed = 0.3, torch.tensor([2**40 + 5], device=x.device)
+    args = (x, a, b, scaling, p, seed, *weight)
+    torch.library.opcheck(dropout_linear_4bit_lora, args)  # schema, fake, autograd registration
+    for use_low in (False, True):
+        for t in (x, a, b):
+            t.grad = None
+        out, low = dropout_linear_4bit_lora(*args)
+        (out.float().square().sum() + use_low * low.float().sum()).backward()
+        grads = [t.grad.clone() for t in (x, a, b)]
+        for t in (x, a, b):
+            t.grad = None
+        low_ref = dropout_lora_a(x, a, p, seed)
+        ref = linear_4bit_lora(x, low_ref, b, scaling, *weight)
+        (ref.float().square().sum() + use_low * low_ref.float().sum()).backward()
+        assert torch.equal(out, ref) and torch.equal(low, low_ref)
+        for g, t in zip(grads, (x, a, b), strict=True):
+            assert _rel(g, t.grad) < 1e-2
+    backward_args = (out.detach(), low.detach(), x.detach(), a.detach(), b.detach(),
+                     low.detach(), seed, *weight[:5], scaling, p, *weight[5:7], True)  # fmt: skip
+    torch.library.opcheck(dropout_linear_4bit_lora_backward, backward_args)
+
+
 def test_4bit_lora_op_of_a_layer_output_is_skipped_only_when_recomputed():
     """A layer's last projection (nf4.mark_layer_output) does its matmul in the forward and
     returns NaNs without it inside nf4.recomputing(); other layers always compute."""
