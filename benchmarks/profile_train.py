@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="the recipe's: 0.05")
     parser.add_argument("--rows", type=int, default=18, help="kernel rows printed")
+    parser.add_argument("--trace", type=Path, help="also write the profiled steps' Chrome trace")
     args = parser.parse_args(argv)
     from lit_cats.model import QLoRAModule
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         for b in data[7:10]:
             step(b)
         torch.cuda.synchronize()
+    if args.trace:  # open in chrome://tracing or ui.perfetto.dev
+        prof.export_chrome_trace(str(args.trace))
     events = prof.key_averages()
     # Kernels only (device-side events): an op's row repeats its kernels' time.
     device = torch.autograd.DeviceType.CUDA
