@@ -345,10 +345,22 @@ def _lora_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, .
         weight = _dequantize(packed, absmax, scale, code, offset, shape, blocksize, grad.dtype)
         grad_x = grad @ weight
     if need_low:
-        grad_low = (grad @ lora_b.to(grad.dtype)) * scaling
+        grad_low = _grad_low_rank(grad, lora_b, scaling)
     if need_b:
-        grad_b = ((grad.t() @ low_rank.to(grad.dtype)) * scaling).to(lora_b.dtype)
+        grad_b = _grad_lora_b(grad, low_rank, lora_b, scaling)
     return grad_x, grad_low, grad_b, *([None] * 9)
+
+
+def _grad_low_rank(grad: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The gradient of the update's ``(tokens, r)`` input, given that of its output."""
+    return (grad @ lora_b.to(grad.dtype)) * scaling
+
+
+def _grad_lora_b(
+    grad: torch.Tensor, low_rank: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The gradient of LoRA's B, given that of the update's output."""
+    return ((grad.t() @ low_rank.to(grad.dtype)) * scaling).to(lora_b.dtype)
 
 
 linear_4bit_lora.register_autograd(_lora_backward, setup_context=_lora_setup)
@@ -421,10 +433,10 @@ def dropout_linear_4bit_lora_backward(
     """The gradients of ``x``, ``lora_a`` and ``lora_b`` of :func:`dropout_linear_4bit_lora`
     (``grad_low``: that of its second output, None where nothing used it). Without ``need_x``
     the base GEMM is skipped and the first result is only the LoRA branch's share."""
-    low_grad = (grad @ lora_b.to(grad.dtype)) * scaling
+    low_grad = _grad_low_rank(grad, lora_b, scaling)
     if grad_low is not None:
         low_grad = low_grad + grad_low
-    grad_b = ((grad.t() @ low.to(grad.dtype)) * scaling).to(lora_b.dtype)
+    grad_b = _grad_lora_b(grad, low, lora_b, scaling)
     grad_x, grad_a = lora_dropout.dropout_lora_a_backward(low_grad.to(x.dtype), x, lora_a, p, seed)
     if need_x:  # the base GEMM adds its gradient into the LoRA branch's (beta = 1)
         weight = _dequantize(packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize,
@@ -461,6 +473,14 @@ dropout_linear_4bit_lora.register_autograd(
 )
 
 
+def _weight_args(layer: nn.Module) -> tuple:
+    """A 4-bit layer's weight as the large-step ops take it: :func:`_quantized`, shape,
+    blocksize and whether it is a layer's output (:func:`mark_layer_output`)."""
+    state = layer.weight.quant_state
+    layer_output = getattr(layer, "_lit_cats_layer_output", False)
+    return *_quantized(layer), list(state.shape), state.blocksize, layer_output
+
+
 def _fuses(layer: nn.Module, x: torch.Tensor) -> bool:
     """Compiled code, a large 2-D step, a supported 4-bit base without bias."""
     return (
@@ -487,11 +507,7 @@ def fused_dropout_lora_linear(
     :func:`fused_lora_linear` may)."""
     if not _fuses(layer, x) or x.dtype != (layer.compute_dtype or x.dtype):
         return None
-    state = layer.weight.quant_state
-    out, _ = dropout_linear_4bit_lora(
-        x, lora_a, lora_b, scaling, p, seed, *_quantized(layer), list(state.shape),
-        state.blocksize, getattr(layer, "_lit_cats_layer_output", False),
-    )  # fmt: skip
+    out, _ = dropout_linear_4bit_lora(x, lora_a, lora_b, scaling, p, seed, *_weight_args(layer))
     return out
 
 
@@ -507,18 +523,8 @@ def fused_lora_linear(
     """
     if not _fuses(layer, x):
         return None
-    state = layer.weight.quant_state
-    out = linear_4bit_lora(
-        x.to(layer.compute_dtype or x.dtype),
-        low_rank,
-        lora_b,
-        scaling,
-        *_quantized(layer),
-        list(state.shape),
-        state.blocksize,
-        getattr(layer, "_lit_cats_layer_output", False),
-    )
-    return out.to(x.dtype)
+    compute = x.to(layer.compute_dtype or x.dtype)
+    return linear_4bit_lora(compute, low_rank, lora_b, scaling, *_weight_args(layer)).to(x.dtype)
 
 
 def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
