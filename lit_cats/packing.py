@@ -6,9 +6,12 @@ step into one row of up to ``max_tokens`` tokens, with no padding at all:
 
 - ``position_ids`` restart at 0 for every example, so rotary embeddings see each example exactly
   as they would alone;
-- attention stays inside each example: variable-length FlashAttention over the cumulative
-  sequence lengths ``cu_seq_lens`` on CUDA (``torch.nn.attention.varlen``), one causal SDPA call
-  per example elsewhere (tests, CPU: a custom op, so ``torch.compile``d layers keep it whole).
+- attention stays inside each example, over the cumulative sequence lengths ``cu_seq_lens``:
+  on Hopper GPUs with Triton kernels sized for short examples
+  (:mod:`lit_cats.packed_attention`: 1.4x FlashAttention-2's speed, forward and backward, at
+  32-256 tokens on an H100), on other GPUs with variable-length FlashAttention-2
+  (``torch.nn.attention.varlen``), elsewhere with one causal SDPA call per example (tests, CPU: a
+  custom op, so ``torch.compile``d layers keep it whole).
   A row whose examples all have the same length (fixed-length chunks of a long text) is one
   batch of equal sequences: one batched causal attention call, through cuDNN on Hopper GPUs
   (1.4x FlashAttention-2's speed at 1,024 tokens on an H100: ``benchmarks/RESULTS.md``);
@@ -34,6 +37,7 @@ from torch import nn
 from torch.utils.data import Sampler
 from transformers import AttentionInterface
 
+from lit_cats import packed_attention
 from lit_cats.formatting import IGNORE_INDEX
 
 #: Name under which the packed attention is registered in transformers' ``AttentionInterface``.
@@ -282,6 +286,15 @@ segmented_causal_attention.register_autograd(_backward, setup_context=_setup_con
 #: read once at registration (device queries cannot run inside a ``torch.compile``d layer).
 _CUDNN_DEVICES: dict[int, bool] = {}
 
+#: CUDA device index -> whether :mod:`lit_cats.packed_attention`'s Triton kernels serve packed
+#: rows of unequal examples there (Hopper: measured faster than FlashAttention-2 on an H100;
+#: elsewhere unmeasured), read once at registration.
+_TRITON_DEVICES: dict[int, bool] = {}
+
+
+def _packed_kernels_apply(q: torch.Tensor) -> bool:
+    return packed_attention.applies(q) and _TRITON_DEVICES.get(q.device.index, False)
+
 
 def _cudnn_attention_applies(q: torch.Tensor) -> bool:
     """Whether cuDNN's fused attention serves batched causal attention of ``q``'s kind here.
@@ -454,6 +467,8 @@ def varlen_attention_forward(
     if q.shape[0] == count * max_len and (not q.is_cuda or _cudnn_attention_applies(q)):
         # Every example has the longest one's length: a batch of equal sequences.
         out = _equal_length_attention(q, k, v, count, scale)
+    elif _packed_kernels_apply(q):
+        out = packed_attention.packed_causal_attention(q, k, v, cu, int(max_len), scale)[0]
     elif q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         out = _flash_varlen(q, k, v, cu, int(max_len), scale)
     else:
@@ -471,9 +486,7 @@ def register_varlen_attention() -> str:
     if torch.cuda.is_available():
         _varlen_signature()
         for index in range(torch.cuda.device_count()):
-            _CUDNN_DEVICES.setdefault(
-                index,
-                torch.backends.cudnn.is_available()
-                and torch.cuda.get_device_capability(index)[0] == 9,
-            )
+            hopper = torch.cuda.get_device_capability(index)[0] == 9
+            _CUDNN_DEVICES.setdefault(index, torch.backends.cudnn.is_available() and hopper)
+            _TRITON_DEVICES.setdefault(index, packed_attention.triton is not None and hopper)
     return VARLEN_ATTENTION

@@ -236,6 +236,89 @@ def test_segmented_attention_op_has_sdpa_gradients():
     torch.library.opcheck(segmented_causal_attention, (q, k, v, cu, 0.3))
 
 
+# Examples of 1 token, of a partial block, of several blocks (64-row blocks); head dims with no
+# remainder (64), with a 32-wide remainder (96, Phi-3's) and with a masked one (24 = 16 + 8 of 16).
+_PACKED_ATTENTION_CHECK = """
+import torch
+from lit_cats import packed_attention as pa
+from lit_cats.packing import _segmented_sdpa
+torch.manual_seed(0)
+lengths = [1, 70, 5, 130, 64]
+cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+for dim in (24, 64, 96):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+        q, k, v, grad = (torch.randn(sum(lengths), 2, dim).to(dtype) for _ in range(4))
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = pa.packed_causal_attention(*inputs, cu, max(lengths), 0.3)
+        grads = torch.autograd.grad(out, inputs, grad)
+        exact = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = _segmented_sdpa(*exact, cu, 0.3)
+        ref_grads = torch.autograd.grad(ref, exact, grad.double())
+        ref_lse = torch.cat([
+            torch.logsumexp((qs.transpose(0, 1) @ ks.permute(1, 2, 0) * 0.3).masked_fill(
+                torch.ones(len(qs), len(qs), dtype=torch.bool).triu(1), float("-inf")), -1).t()
+            for qs, ks in zip(exact[0].split(lengths), exact[1].split(lengths))
+        ])
+        rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+        errors = [rel(out, ref), rel(lse, ref_lse)] + [rel(g, r) for g, r in zip(grads, ref_grads)]
+        assert max(errors) < tol, (dim, dtype, errors)
+    assert pa.head_split(dim)[2] == (dim != 64)
+torch.library.opcheck(pa.packed_causal_attention, (*inputs, cu, max(lengths), 0.3))
+print("packed attention ok")
+"""
+
+
+def test_packed_attention_kernels_equal_sdpa_in_tritons_interpreter():
+    """The Triton kernels for packed rows, run on the CPU by Triton's interpreter: output,
+    log-sum-exp and the three gradients of per-example causal SDPA (fp64), fp32 and fp16 (the
+    interpreter has no bf16); the op's registration as torch.compile relies on it."""
+    done = run_in_tritons_interpreter(_PACKED_ATTENTION_CHECK)
+    assert done.returncode == 0 and "packed attention ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_packed_attention_kernels_on_gpu(monkeypatch):
+    """Phi-3's shape (32 heads of 96), bf16: the Triton kernels are as close to an fp32
+    reference as varlen FlashAttention-2 is, and Hopper GPUs take them for unequal examples."""
+    from lit_cats import packed_attention, packing
+
+    packing.register_varlen_attention()
+    torch.manual_seed(0)
+    lengths = [*torch.randint(32, 257, (40,)).tolist(), 1, 2, 300]
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).cuda()
+    scale = 96**-0.5
+    qkv = [torch.randn(sum(lengths), 32, 96, device="cuda").bfloat16() for _ in range(3)]
+    grad = torch.randn_like(qkv[0])
+    exact = [t.float().requires_grad_() for t in qkv]
+    ref = packing._segmented_sdpa(*exact, cu, scale)
+    ref = (ref, *torch.autograd.grad(ref, exact, grad.float()))
+    errors = {}
+    for name, attend in (
+        ("triton", lambda *t: packed_attention.packed_causal_attention(*t, cu, 300, scale)[0]),
+        ("flash", lambda *t: packing._flash_varlen(*t, cu, 300, scale)),
+    ):
+        inputs = [t.clone().requires_grad_() for t in qkv]
+        out = attend(*inputs)
+        got = (out, *torch.autograd.grad(out, inputs, grad))
+        errors[name] = [_rel(g.float(), r) for g, r in zip(got, ref, strict=True)]
+    assert all(t <= 1.1 * f + 1e-4 for t, f in zip(*errors.values(), strict=True)), errors
+    # Registration on CUDA tensors: the last three examples (1, 2 and 300 tokens).
+    last = [t[-303:].clone().requires_grad_() for t in qkv]
+    torch.library.opcheck(
+        packed_attention.packed_causal_attention, (*last, cu[-4:] - cu[-4], 300, scale)
+    )
+    if torch.cuda.get_device_capability()[0] != 9:
+        return
+    calls = []
+    real = packed_attention.packed_causal_attention
+    monkeypatch.setattr(
+        packed_attention, "packed_causal_attention", lambda *a: calls.append(1) or real(*a)
+    )
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in qkv)
+    varlen_attention_forward(None, q, k, v, None, cu_seq_lens_q=cu, max_length_q=300)
+    assert calls
+
+
 def test_packed_loss_and_gradients_equal_the_padded_batch():
     examples = _examples([40, 17, 63, 25])
     module = _module()
