@@ -21,7 +21,10 @@ matmul and never stored (:mod:`lit_cats.lora_dropout`): the same dropout in dist
 same rate, unbiased, independent per element), a different random stream from torch's. Inside
 compiled layers on large steps, that op and the 4-bit one are a single op
 (:func:`lit_cats.nf4.dropout_linear_4bit_lora`), so that the backward sums the two gradients
-of ``x`` in the base GEMM's epilogue rather than in a separate pass.
+of ``x`` in the base GEMM's epilogue rather than in a separate pass. Compiled steps of at most
+:data:`lit_cats.nf4.MAX_TOKENS` tokens keep the compiler's own dropout instead: they are
+host-bound, and the op's dispatch costs more there than it saves (H100, batch 2 of short texts,
+one process: 0.32-0.34 -> 0.24-0.26 s/step; benchmarks/RESULTS.md, round 8).
 
 Same function, same parameters, same dropout; only rounding differs (the update is added in the
 GEMM's fp32 accumulator instead of after a round to bf16). Layers in any other state (adapters
@@ -39,7 +42,12 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lit_cats import lora_dropout
-from lit_cats.nf4 import fused_dropout_lora_linear, fused_lora_linear
+from lit_cats.nf4 import _small_step, fused_dropout_lora_linear, fused_lora_linear
+
+#: Whether compiled steps of at most :data:`lit_cats.nf4.MAX_TOKENS` tokens take the seeded
+#: dropout op too. They are host-bound, and there the op's dispatch (a custom op per LoRA layer,
+#: forward and backward) costs more than the compiler's own fused dropout and matmul.
+SEEDED_DROPOUT_ON_SMALL_COMPILED_STEPS = False
 
 
 def _fast_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -103,6 +111,9 @@ def _seeded_dropout(
     x = x.to(torch.get_autocast_dtype(device))  # what autocast's lora_A would compute in
     if not lora_dropout.applies(x, lora_a):
         return None
+    compiled_small = torch.compiler.is_compiling() and _small_step(x)
+    if compiled_small and not SEEDED_DROPOUT_ON_SMALL_COMPILED_STEPS:
+        return None  # host-bound: the compiler's own dropout costs less host time
     seed = torch.randint(1 << 62, (1,), device=x.device)  # torch's RNG: checkpointing replays it
     return x, dropout.p, seed
 
