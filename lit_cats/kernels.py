@@ -79,11 +79,12 @@ def compile_decoder_layers(model: nn.Module) -> int:
     steps, with the LoRA update folded in, and, on CUDA, LoRA's dropout with the LoRA-A matmul
     (:mod:`lit_cats.lora_dropout`); on small ones (batch 2, where the host is the
     bottleneck) they are torch ops that compile into one dequantization kernel each
-    (:mod:`lit_cats.nf4`). The first steps pay the compilation (about a minute); shapes that
-    vary from step to step (packed rows, padded batches) are compiled once more, as dynamic
-    shapes, and a run that meets both small and large steps compiles each once. With
-    checkpointing, each layer's rerun in the backward skips Phi-3's MLP ``down_proj`` on large
-    steps and reuses the forward's LoRA-A outputs (:func:`checkpoint_around`).
+    (:mod:`lit_cats.nf4`), and the dropout is the compiler's own (:mod:`lit_cats.lora_fast`).
+    The first steps pay the compilation (about a minute); shapes that vary from step to step
+    (packed rows, padded batches) are compiled once more, as dynamic shapes, and a run that
+    meets both small and large steps compiles each once. With checkpointing, each layer's rerun
+    in the backward skips Phi-3's MLP ``down_proj`` on large steps and reuses the forward's
+    LoRA-A outputs (:func:`checkpoint_around`).
 
     Raises:
         ValueError: If no decoder layers are found, or on a CPU without a C++ compiler.
