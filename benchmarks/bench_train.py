@@ -128,9 +128,12 @@ def _fast(
     workload: str = "short",
     liger: bool = False,
     compile: bool = False,
+    uncheckpointed: int = 0,
     **kw: Any,
 ) -> Run:
     model = {**FAST_MODEL, "liger_kernels": liger, "compile": compile}
+    if uncheckpointed:
+        model["uncheckpointed_layers"] = uncheckpointed
     if not kw.get("packing"):
         kw.setdefault("pad_to_multiple_of", FAST_PAD_MULTIPLE)
     if kw.get("batch_size", 2) == 2 and not kw.get("packing"):
@@ -222,6 +225,16 @@ RUNS: dict[str, Run] = {
             "long",
             packing=True,
             compile=True,
+        ),
+        *(
+            _fast(
+                f"fast_pack_gc_keep{n}_compile",
+                f"fast.yaml + compiled layers, packing 16k, GC on but the last {n} layers",
+                packing=True,
+                compile=True,
+                uncheckpointed=n,
+            )
+            for n in (2, 3)
         ),
         Run(
             "orig_4096",

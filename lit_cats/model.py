@@ -21,7 +21,12 @@ from lit_cats.distributed import average_tokens_across_ranks
 from lit_cats.formatting import label_token_count
 from lit_cats.generation import GenerationSettings, generate
 from lit_cats.inference import ADAPTER_DIRNAME, LATEST, apply_adapter, load_base, resolve_adapter
-from lit_cats.kernels import apply_liger_kernels, compile_decoder_layers, eager_layers
+from lit_cats.kernels import (
+    apply_liger_kernels,
+    compile_decoder_layers,
+    eager_layers,
+    keep_activations,
+)
 from lit_cats.loading import experiment_dir, load_tokenizer
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
@@ -66,6 +71,9 @@ class QLoRAModule(L.LightningModule):
         lora_dropout: Dropout on the LoRA input.
         target_modules: Linear layer names to adapt, or ``"all-linear"``. Every name must exist.
         gradient_checkpointing: Recompute activations in backward (non-reentrant) to save memory.
+        uncheckpointed_layers: With checkpointing, the last this many decoder layers keep their
+            activations instead (``lit_cats.kernels.keep_activations``): spare GPU memory spent
+            on speed, about 1.4 GiB and 1% of the step per layer for Phi-3-mini at 16k tokens.
         attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``, ...).
         trust_remote_code: Run modelling code from the Hub repo. Off: transformers has Phi-3.
         optimizer: Optimizer factory over the trainable parameters (default: paged AdamW 32-bit).
@@ -104,6 +112,7 @@ class QLoRAModule(L.LightningModule):
         lora_dropout: float = 0.05,
         target_modules: str | list[str] = "all-linear",
         gradient_checkpointing: bool = True,
+        uncheckpointed_layers: int = 0,
         attn_implementation: str | None = "sdpa",
         trust_remote_code: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
@@ -120,6 +129,16 @@ class QLoRAModule(L.LightningModule):
         super().__init__()
         if loss_chunk_size is not None and loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or null, got {loss_chunk_size}.")
+        if uncheckpointed_layers < 0:
+            raise ValueError(
+                f"model.uncheckpointed_layers must be >= 0, got {uncheckpointed_layers}."
+            )
+        if uncheckpointed_layers and not gradient_checkpointing:
+            raise ValueError(
+                f"model.uncheckpointed_layers is {uncheckpointed_layers}, but "
+                "model.gradient_checkpointing is false, so every layer keeps its activations "
+                "already: set uncheckpointed_layers to 0, or turn checkpointing on."
+            )
         if compile and liger_kernels:
             raise ValueError(
                 "model.compile and model.liger_kernels are alternatives: compiling fuses the same "
@@ -172,6 +191,8 @@ class QLoRAModule(L.LightningModule):
         elif hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             base.enable_input_require_grads()
+        if hp.gradient_checkpointing and hp.get("uncheckpointed_layers", 0):
+            keep_activations(base, hp.uncheckpointed_layers)
         self.lora_targets = resolve_target_modules(base, hp.target_modules)
         lora = build_lora_config(self.lora_targets, hp.r, hp.lora_alpha, hp.lora_dropout)
         self.model = get_peft_model(base, lora)

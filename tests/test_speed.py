@@ -870,3 +870,69 @@ def test_compiled_large_steps_match_peft_on_gpu():
     compiled = _cuda_module(loss_chunk_size=512, fast_lora=True, compile=True)
     _assert_close(_loss_and_grads(compiled, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------ checkpointing all but the last N
+def _checkpointed_step(keep: int, batch: dict) -> tuple[tuple, list[bool], list[int], int]:
+    """A step with the last ``keep`` layers uncheckpointed: its loss and gradients, each layer's
+    checkpointing flag, how often each layer's forward ran, and the bytes saved for backward."""
+    module = _module(fast_lora=True, upcast_to_fp32=False, uncheckpointed_layers=keep)
+    layers = module.model.get_base_model().model.layers
+    calls = [0] * len(layers)
+
+    def count(i: int) -> None:
+        calls[i] += 1
+
+    for i, layer in enumerate(layers):  # inside the layer's forward, which the rerun repeats
+        layer.self_attn.register_forward_pre_hook(lambda *_, i=i: count(i))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+    ):
+        result = _loss_and_grads(module, batch)
+    return result, [layer.gradient_checkpointing for layer in layers], calls, sum(saved)
+
+
+def test_uncheckpointed_layers_keep_activations_with_the_same_loss_and_gradients():
+    """The last N layers run once and keep their activations; the rest are checkpointed (run
+    twice). Loss and gradients are those of full checkpointing, and more is saved."""
+    batch = pack_examples(_examples([40, 17, 63]))
+    ref, flags, calls, ref_saved = _checkpointed_step(0, batch)
+    assert all(flags) and calls == [2] * len(calls)  # forward and the backward's rerun
+    got, flags, calls, saved = _checkpointed_step(1, batch)
+    assert flags == [True] * (len(flags) - 1) + [False]
+    assert calls == [2] * (len(calls) - 1) + [1]
+    assert saved > ref_saved
+    _assert_close(got, ref, loss_tol=1e-6, grad_tol=1e-5)
+
+
+def test_uncheckpointed_layers_refuse_what_they_cannot_mean():
+    with pytest.raises(ValueError, match="uncheckpointed_layers must be >= 0"):
+        QLoRAModule(TINY_MODEL_ID, uncheckpointed_layers=-1)
+    with pytest.raises(ValueError, match="gradient_checkpointing is false"):
+        QLoRAModule(TINY_MODEL_ID, uncheckpointed_layers=1, gradient_checkpointing=False)
+    module = QLoRAModule(TINY_MODEL_ID, uncheckpointed_layers=99)
+    with pytest.raises(ValueError, match=r"has \d+ decoder layers: set it to at most \d+"):
+        module.configure_model()
+
+
+@needs_cxx
+def test_uncheckpointed_layers_in_compiled_layers(monkeypatch):
+    """Compiled, checkpointing goes around each compiled call but the last N layers'."""
+    import torch._dynamo
+
+    import lit_cats.kernels as kernels
+
+    calls = []
+    real_checkpoint = kernels.checkpoint
+    monkeypatch.setattr(
+        kernels, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k)
+    )
+    torch._dynamo.reset()
+    settings = {"loss_chunk_size": 16, "fast_lora": True, "upcast_to_fp32": False}
+    module = _module(compile=True, uncheckpointed_layers=1, **settings)
+    batch = pack_examples(_examples([40, 17, 63]))
+    got = _loss_and_grads(module, batch)
+    assert len(calls) == len(module.model.get_base_model().model.layers) - 1
+    _assert_close(got, _loss_and_grads(_module(**settings), batch), loss_tol=1e-3, grad_tol=5e-2)
+    torch._dynamo.reset()
