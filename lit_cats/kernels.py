@@ -200,7 +200,8 @@ def keep_activations(model: nn.Module, layers: int) -> int:
     """Turn gradient checkpointing off for the last ``layers`` decoder layers of ``model``, whose
     checkpointing transformers has enabled: they keep their activations for the backward instead
     of running their forward twice. Memory for speed: on Phi-3-mini at 16k tokens a layer keeps
-    about 1.4 GiB and saves about 1% of a checkpointed step (benchmarks/RESULTS.md, round 8).
+    about 1.1 GiB and saves up to ~0.8% of a checkpointed step on an H100, about the spread
+    between runs (benchmarks/RESULTS.md, round 8).
     The last layers, because the backward reaches them first and frees what they kept before
     any checkpointed layer reruns. Returns how many layers are checkpointed now.
 
