@@ -174,6 +174,32 @@ def test_small_compiled_steps_take_the_compilers_dropout(monkeypatch):
     assert takes_op(MAX_TOKENS, True)
 
 
+@needs_cxx
+def test_small_compiled_steps_replay_the_compilers_dropout_under_checkpointing(monkeypatch):
+    """On a small compiled step (where the seeded op gives way), the compiler's own dropout:
+    a checkpointed step has the loss and gradients of the same step without checkpointing (the
+    rerun draws the forward's mask), the dropout does drop, and the op is never called."""
+    import torch._dynamo
+
+    calls = _fused_on_cpu(monkeypatch)  # the op would apply: only the small-step rule skips it
+    torch._dynamo.reset()
+    settings = {"loss_chunk_size": 64, "fast_lora": True, "upcast_to_fp32": False}
+    settings |= {"compile": True, "lora_dropout": 0.1}
+    batch = pack_examples(_examples([40, 70, 30]))
+    results = []
+    for checkpointing in (False, True):
+        module = _module(gradient_checkpointing=checkpointing, **settings)
+        torch.manual_seed(11)
+        results.append(_loss_and_grads(module, batch))
+    _assert_close(results[1], results[0], loss_tol=1e-3, grad_tol=5e-2)
+    assert not calls
+    torch.manual_seed(12)  # another mask moves the loss past that tolerance (0.7% here)
+    assert abs(_loss_and_grads(module, batch)[0] - results[1][0]) > 1e-3 * abs(results[1][0])
+    no_dropout = _loss_and_grads(_module(**(settings | {"lora_dropout": 0.0})), batch)
+    assert abs(no_dropout[0] - results[0][0]) > 1e-4
+    torch._dynamo.reset()
+
+
 def _count_computed(monkeypatch, fn) -> tuple[int, int]:
     """How many op outputs ``fn()`` computes: outside and inside a backward pass (the rerun)."""
     real, in_backward = lora_dropout._reference, []
@@ -261,6 +287,30 @@ def test_fused_dropout_in_the_model_on_gpu(monkeypatch, compiled):
         results.append(_loss_and_grads(module, batch))
     _assert_close(results[1], results[0], loss_tol=1e-3, grad_tol=2e-2)
     assert calls  # eager: every call; compiled: traced into the graph
+    no_dropout = _loss_and_grads(_cuda_module(lora_dropout=0.0, **settings), batch)
+    assert no_dropout[0] != results[0][0]
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_small_compiled_steps_replay_the_compilers_dropout_on_gpu(monkeypatch):
+    """CUDA, a compiled step under MAX_TOKENS: the compiler's dropout, not the op; the
+    checkpointed step equals the one without checkpointing, and the dropout drops."""
+    import torch._dynamo
+
+    calls = []
+    real = lora_dropout.dropout_lora_a
+    monkeypatch.setattr(lora_dropout, "dropout_lora_a", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    batch = pack_examples(_examples([300, 200, 400]))
+    settings = {"fast_lora": True, "compile": True, "loss_chunk_size": 512}
+    results = []
+    for checkpointing in (False, True):
+        module = _cuda_module(lora_dropout=0.1, gradient_checkpointing=checkpointing, **settings)
+        torch.manual_seed(5)
+        results.append(_loss_and_grads(module, batch))
+    _assert_close(results[1], results[0], loss_tol=1e-3, grad_tol=2e-2)
+    assert not calls
     no_dropout = _loss_and_grads(_cuda_module(lora_dropout=0.0, **settings), batch)
     assert no_dropout[0] != results[0][0]
     torch._dynamo.reset()
