@@ -132,8 +132,7 @@ def _fast(
     **kw: Any,
 ) -> Run:
     model = {**FAST_MODEL, "liger_kernels": liger, "compile": compile}
-    if uncheckpointed:
-        model["uncheckpointed_layers"] = uncheckpointed
+    model["uncheckpointed_layers"] = uncheckpointed
     if not kw.get("packing"):
         kw.setdefault("pad_to_multiple_of", FAST_PAD_MULTIPLE)
     if kw.get("batch_size", 2) == 2 and not kw.get("packing"):

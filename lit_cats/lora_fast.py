@@ -42,7 +42,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lit_cats import lora_dropout
-from lit_cats.nf4 import _small_step, fused_dropout_lora_linear, fused_lora_linear
+from lit_cats.nf4 import fused_dropout_lora_linear, fused_lora_linear, small_step
 
 #: Whether compiled steps of at most :data:`lit_cats.nf4.MAX_TOKENS` tokens take the seeded
 #: dropout op too. They are host-bound, and there the op's dispatch (a custom op per LoRA layer,
@@ -111,7 +111,7 @@ def _seeded_dropout(
     x = x.to(torch.get_autocast_dtype(device))  # what autocast's lora_A would compute in
     if not lora_dropout.applies(x, lora_a):
         return None
-    compiled_small = torch.compiler.is_compiling() and _small_step(x)
+    compiled_small = torch.compiler.is_compiling() and small_step(x)
     if compiled_small and not SEEDED_DROPOUT_ON_SMALL_COMPILED_STEPS:
         return None  # host-bound: the compiler's own dropout costs less host time
     seed = torch.randint(1 << 62, (1,), device=x.device)  # torch's RNG: checkpointing replays it

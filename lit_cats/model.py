@@ -191,7 +191,7 @@ class QLoRAModule(L.LightningModule):
         elif hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
             base.enable_input_require_grads()
-        if hp.gradient_checkpointing and hp.get("uncheckpointed_layers", 0):
+        if hp.get("uncheckpointed_layers", 0):  # hparams saved before the setting lack it
             keep_activations(base, hp.uncheckpointed_layers)
         self.lora_targets = resolve_target_modules(base, hp.target_modules)
         lora = build_lora_config(self.lora_targets, hp.r, hp.lora_alpha, hp.lora_dropout)

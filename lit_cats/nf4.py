@@ -144,7 +144,7 @@ def _quantized(layer: nn.Module) -> tuple[torch.Tensor | None, ...]:
     return layer.weight, state.absmax, state.state2.absmax, state.state2.code, state.offset
 
 
-def _small_step(x: torch.Tensor) -> bool:
+def small_step(x: torch.Tensor) -> bool:
     """At most MAX_TOKENS tokens (a guard under dynamic shapes: one graph on each side)."""
     return x.numel() // x.shape[-1] <= MAX_TOKENS
 
@@ -486,7 +486,7 @@ def _fuses(layer: nn.Module, x: torch.Tensor) -> bool:
     return (
         torch.compiler.is_compiling()
         and x.dim() == 2
-        and not _small_step(x)
+        and not small_step(x)
         and getattr(layer, "bias", None) is None
         and hasattr(layer, "_lit_cats_bnb_forward")
         and _supported(layer)
@@ -528,7 +528,7 @@ def fused_lora_linear(
 
 
 def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    if not torch.compiler.is_compiling() or not _supported(self) or not _small_step(x):
+    if not torch.compiler.is_compiling() or not _supported(self) or not small_step(x):
         return self._lit_cats_bnb_forward(x)
     state = self.weight.quant_state
     compute = self.compute_dtype or x.dtype
