@@ -225,7 +225,8 @@ def keep_activations(model: nn.Module, layers: int) -> None:
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """A (peft-wrapped) causal LM's decoder layers (``model.model.layers``), None if not found."""
-    layers = getattr(_causal_lm(model).get_decoder(), "layers", None)
+    get_decoder = getattr(_causal_lm(model), "get_decoder", None)
+    layers = getattr(get_decoder(), "layers", None) if get_decoder else None
     return layers if isinstance(layers, nn.ModuleList) else None
 
 

@@ -914,6 +914,10 @@ def test_uncheckpointed_layers_refuse_what_they_cannot_mean():
     module = QLoRAModule(TINY_MODEL_ID, uncheckpointed_layers=99)
     with pytest.raises(ValueError, match=r"has \d+ decoder layers: set it to at most \d+"):
         module.configure_model()
+    from lit_cats.kernels import keep_activations
+
+    with pytest.raises(ValueError, match="found none in Linear; set it to 0"):
+        keep_activations(torch.nn.Linear(2, 2), 1)
 
 
 @needs_cxx
