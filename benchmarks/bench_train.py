@@ -129,10 +129,13 @@ def _fast(
     liger: bool = False,
     compile: bool = False,
     uncheckpointed: int = 0,
+    keep_weights: bool = False,
     **kw: Any,
 ) -> Run:
     model = {**FAST_MODEL, "liger_kernels": liger, "compile": compile}
     model["uncheckpointed_layers"] = uncheckpointed
+    if keep_weights:
+        model["keep_dequantized_weights"] = True
     if not kw.get("packing"):
         kw.setdefault("pad_to_multiple_of", FAST_PAD_MULTIPLE)
     if kw.get("batch_size", 2) == 2 and not kw.get("packing"):
@@ -217,6 +220,14 @@ RUNS: dict[str, Run] = {
             packing=True,
             gradient_checkpointing=False,
             compile=True,
+        ),
+        _fast(
+            "fast_pack16k_nogc_keepw_compile",
+            "fast.yaml + compiled layers, packing 16k, GC off, dequantized weights kept",
+            packing=True,
+            gradient_checkpointing=False,
+            compile=True,
+            keep_weights=True,
         ),
         _fast(
             "fast_long_gc_compile",

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_cats import lora_dropout
-from lit_cats.nf4 import mark_layer_output, recomputing, trace_nf4_layers
+from lit_cats.nf4 import keep_dequantized, mark_layer_output, recomputing, trace_nf4_layers
 
 
 def apply_liger_kernels(model: nn.Module) -> None:
@@ -66,7 +66,7 @@ def apply_liger_kernels(model: nn.Module) -> None:
         setattr(modeling_phi3, name, cls)
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
+def compile_decoder_layers(model: nn.Module, keep_dequantized_weights: bool = False) -> int:
     """``torch.compile`` every decoder layer of a (peft-wrapped) causal LM; returns how many.
 
     Regional compilation, as torchtune and LitGPT do it: each layer is compiled in place
@@ -84,7 +84,9 @@ def compile_decoder_layers(model: nn.Module) -> int:
     (packed rows, padded batches) are compiled once more, as dynamic shapes, and a run that
     meets both small and large steps compiles each once. With checkpointing, each layer's rerun
     in the backward skips Phi-3's MLP ``down_proj`` on large steps and reuses the forward's
-    LoRA-A outputs (:func:`checkpoint_around`).
+    LoRA-A outputs (:func:`checkpoint_around`). With ``keep_dequantized_weights``, large steps
+    keep each 4-bit weight's 16-bit copy from the forward for the backward
+    (:func:`lit_cats.nf4.keep_dequantized`).
 
     Raises:
         ValueError: If no decoder layers are found, or on a CPU without a C++ compiler.
@@ -105,6 +107,10 @@ def compile_decoder_layers(model: nn.Module) -> int:
     phi3 = _is_phi3(model)
     for layer in layers:
         trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
+        if keep_dequantized_weights:
+            for module in layer.modules():
+                if hasattr(module, "_lit_cats_bnb_forward"):  # what trace_nf4_layers took
+                    keep_dequantized(module)
         if phi3:  # residual + dropout(mlp.down_proj(...)): not run again when recomputed
             down = layer.mlp.down_proj
             mark_layer_output(getattr(down, "base_layer", down))

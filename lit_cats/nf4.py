@@ -15,8 +15,8 @@ double quantization the absmax values are themselves 8-bit codes, scaled per blo
 offset. On the CPU the result is bit-identical to bitsandbytes' (tests/test_speed.py).
 
 The backward dequantizes again, as bitsandbytes does: only the packed weight is kept for it,
-never the 16-bit one. Weights in any other layout (FP4, other storage types, CPU-packed) keep
-bitsandbytes' path.
+not the 16-bit one (unless :func:`keep_dequantized` asks for that, on large steps). Weights in
+any other layout (FP4, other storage types, CPU-packed) keep bitsandbytes' path.
 
 Only steps of at most :data:`MAX_TOKENS` tokens take this path; larger ones are GPU-bound, where
 a hand-written dequantization kernel is the faster one and frees each weight as soon as its
@@ -281,7 +281,8 @@ def linear_4bit_lora(
     shape: list[int],
     blocksize: int,
     layer_output: bool,
-) -> torch.Tensor:
+    keep_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x @ W.T + scaling * low_rank @ lora_b.T`` for a 2-D ``x``: the rank-r update GEMM writes
     the output, then the base GEMM over bitsandbytes' dequantized weight adds into it in place
     (beta = 1: the output is read in the big GEMM's epilogue, behind its arithmetic). Adding the
@@ -295,21 +296,28 @@ def linear_4bit_lora(
     reach the gradients and show, rather than stale values). The backward below needs the
     inputs, never the output, so it is unchanged. On a checkpointed 16k-token step of Phi-3-mini
     that skips the 32 ``down_proj`` matmuls, 7% of the step's matmul FLOPs.
+
+    The second output is the dequantized weight with ``keep_weight`` (:func:`keep_dequantized`),
+    which the backward then uses instead of dequantizing again; else an empty tensor. (A kept
+    weight is what the backward reads, so a rerun then computes it: it never skips.)
     """
-    if layer_output and getattr(_state, "recomputing", False):
-        return x.new_full((x.shape[0], shape[0]), float("nan"))
+    if layer_output and not keep_weight and getattr(_state, "recomputing", False):
+        return x.new_full((x.shape[0], shape[0]), float("nan")), x.new_empty(0)
     update = low_rank.to(x.dtype) @ (lora_b.t() * scaling).to(x.dtype)
-    return _add_4bit_matmul(
-        update, x, packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize
-    )
+    weight = (packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize)
+    return _add_4bit_matmul(update, x, *weight, keep_weight=keep_weight)
 
 
-def _add_4bit_matmul(out: torch.Tensor, x: torch.Tensor, *weight: Any) -> torch.Tensor:
+def _add_4bit_matmul(
+    out: torch.Tensor, x: torch.Tensor, *weight: Any, keep_weight: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``out += x @ W.T`` in place, W (``weight``: :func:`_dequantize_bnb`'s arguments but the
     dtype) dequantized first (:func:`_dequantize`), as bitsandbytes' ``gemm_4bit`` does before
     ``linear``. One GEMM with beta = 1: it reads ``out`` in its epilogue, behind the matmul's
-    arithmetic."""
-    return out.addmm_(x, _dequantize(*weight, x.dtype).t())
+    arithmetic. Returns ``out`` and, with ``keep_weight``, W (else an empty tensor)."""
+    dequantized = _dequantize(*weight, x.dtype)
+    out.addmm_(x, dequantized.t())
+    return out, dequantized if keep_weight else x.new_empty(0)
 
 
 @linear_4bit_lora.register_fake
@@ -326,29 +334,47 @@ def _(
     shape,
     blocksize,
     layer_output,
+    keep_weight,
 ):
-    return x.new_empty(x.shape[0], shape[0])
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(shape if keep_weight else [0])
 
 
-def _lora_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    _, low_rank, lora_b, scaling, packed, absmax, scale, code, offset, shape, blocksize, _ = inputs
-    ctx.save_for_backward(low_rank, lora_b, packed, absmax, scale, code, offset)
-    ctx.meta = (scaling, shape, blocksize)
+def _lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _, low_rank, lora_b, scaling, *quantized, shape, blocksize, _, keep_weight = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(low_rank, lora_b, output[1], *quantized)
+    ctx.meta = (scaling, shape, blocksize, keep_weight)
 
 
-def _lora_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    low_rank, lora_b, packed, absmax, scale, code, offset = ctx.saved_tensors
-    scaling, shape, blocksize = ctx.meta
+def _lora_backward(
+    ctx: Any, grad: torch.Tensor, _grad_weight: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    low_rank, lora_b, kept, *quantized = ctx.saved_tensors
+    scaling, shape, blocksize, keep_weight = ctx.meta
     need_x, need_low, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_low = grad_b = None
-    if need_x:  # the weight is dequantized again, as bitsandbytes' own backward does
-        weight = _dequantize(packed, absmax, scale, code, offset, shape, blocksize, grad.dtype)
-        grad_x = grad @ weight
+    if need_x:
+        grad_x = grad @ _backward_weight(kept, keep_weight, quantized, shape, blocksize, grad.dtype)
     if need_low:
         grad_low = _grad_low_rank(grad, lora_b, scaling)
     if need_b:
         grad_b = _grad_lora_b(grad, low_rank, lora_b, scaling)
-    return grad_x, grad_low, grad_b, *([None] * 9)
+    return grad_x, grad_low, grad_b, *([None] * 10)
+
+
+def _backward_weight(
+    kept: torch.Tensor,
+    keep_weight: bool,
+    quantized: list[torch.Tensor | None],
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The weight the backward multiplies by: the forward's, if it kept it, else dequantized
+    again, as bitsandbytes' own backward does."""
+    if keep_weight:
+        return kept.to(dtype)
+    return _dequantize(*quantized, shape, blocksize, dtype)
 
 
 def _grad_low_rank(grad: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -383,9 +409,11 @@ def dropout_linear_4bit_lora(
     shape: list[int],
     blocksize: int,
     layer_output: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`linear_4bit_lora` of ``x`` and ``low = dropout_lora_a(x, lora_a, p, seed)``
-    (:mod:`lit_cats.lora_dropout`) as one op; returns the output and ``low``.
+    (:mod:`lit_cats.lora_dropout`) as one op; returns the output, ``low`` and the kept weight
+    (:func:`linear_4bit_lora`'s second output).
 
     One op so that its backward can sum the two gradients of ``x`` in a GEMM's epilogue: the
     dropout kernel writes the LoRA branch's gradient, then the base GEMM over the dequantized
@@ -397,17 +425,18 @@ def dropout_linear_4bit_lora(
     7.52 GiB peak on checkpointed 16k-token steps; the beta = 1 epilogue costs nothing measurable.
     """
     low = lora_dropout.dropout_lora_a(x, lora_a, p, seed)
-    out = linear_4bit_lora(
+    out, weight = linear_4bit_lora(
         x, low, lora_b, scaling, packed, absmax, absmax_scale, absmax_code, offset, shape,
-        blocksize, layer_output,
+        blocksize, layer_output, keep_weight,
     )  # fmt: skip
-    return out, low
+    return out, low, weight
 
 
 @dropout_linear_4bit_lora.register_fake
 def _(x, lora_a, lora_b, scaling, p, seed, packed, absmax, absmax_scale, absmax_code, offset,
-      shape, blocksize, layer_output):  # fmt: skip
-    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+      shape, blocksize, layer_output, keep_weight):  # fmt: skip
+    weight = x.new_empty(shape if keep_weight else [0])
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0]), weight
 
 
 @torch.library.custom_op("lit_cats::dropout_linear_4bit_lora_backward", mutates_args=())
@@ -419,6 +448,7 @@ def dropout_linear_4bit_lora_backward(
     lora_b: torch.Tensor,
     low: torch.Tensor,
     seed: torch.Tensor,
+    kept: torch.Tensor,
     packed: torch.Tensor,
     absmax: torch.Tensor,
     absmax_scale: torch.Tensor | None,
@@ -428,44 +458,47 @@ def dropout_linear_4bit_lora_backward(
     p: float,
     shape: list[int],
     blocksize: int,
+    keep_weight: bool,
     need_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``x``, ``lora_a`` and ``lora_b`` of :func:`dropout_linear_4bit_lora`
-    (``grad_low``: that of its second output, None where nothing used it). Without ``need_x``
-    the base GEMM is skipped and the first result is only the LoRA branch's share."""
+    (``grad_low``: that of its second output, None where nothing used it; ``kept``: its third).
+    Without ``need_x`` the base GEMM is skipped and the first result is only the LoRA branch's
+    share."""
     low_grad = _grad_low_rank(grad, lora_b, scaling)
     if grad_low is not None:
         low_grad = low_grad + grad_low
     grad_b = _grad_lora_b(grad, low, lora_b, scaling)
     grad_x, grad_a = lora_dropout.dropout_lora_a_backward(low_grad.to(x.dtype), x, lora_a, p, seed)
     if need_x:  # the base GEMM adds its gradient into the LoRA branch's (beta = 1)
-        weight = _dequantize(packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize,
-                             grad.dtype)  # fmt: skip
-        grad_x.addmm_(grad, weight)
+        quantized = [packed, absmax, absmax_scale, absmax_code, offset]
+        grad_x.addmm_(grad, _backward_weight(kept, keep_weight, quantized, shape, blocksize,
+                                             grad.dtype))  # fmt: skip
     return grad_x, grad_a, grad_b
 
 
 @dropout_linear_4bit_lora_backward.register_fake
-def _(grad, grad_low, x, lora_a, lora_b, low, seed, packed, absmax, absmax_scale, absmax_code,
-      offset, scaling, p, shape, blocksize, need_x):  # fmt: skip
+def _(grad, grad_low, x, lora_a, lora_b, low, seed, kept, packed, absmax, absmax_scale,
+      absmax_code, offset, scaling, p, shape, blocksize, keep_weight, need_x):  # fmt: skip
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _dropout_lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, lora_a, lora_b, scaling, p, seed, *weight, shape, blocksize, _ = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, output[1], seed, *weight)
-    ctx.meta = (scaling, p, shape, blocksize)
+    x, lora_a, lora_b, scaling, p, seed, *weight, shape, blocksize, _, keep_weight = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(x, lora_a, lora_b, output[1], seed, output[2], *weight)
+    ctx.meta = (scaling, p, shape, blocksize, keep_weight)
 
 
 def _dropout_lora_backward(
-    ctx: Any, grad: torch.Tensor, grad_low: torch.Tensor | None
+    ctx: Any, grad: torch.Tensor, grad_low: torch.Tensor | None, _grad_weight: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
-    x, lora_a, lora_b, low, seed, *weight = ctx.saved_tensors
+    x, lora_a, lora_b, low, seed, kept, *weight = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     grad_x, grad_a, grad_b = dropout_linear_4bit_lora_backward(
-        grad, grad_low, x, lora_a, lora_b, low, seed, *weight, *ctx.meta, need_x
+        grad, grad_low, x, lora_a, lora_b, low, seed, kept, *weight, *ctx.meta, need_x
     )
-    return grad_x if need_x else None, grad_a, grad_b, *([None] * 11)
+    return grad_x if need_x else None, grad_a, grad_b, *([None] * 12)
 
 
 dropout_linear_4bit_lora.register_autograd(
@@ -473,12 +506,22 @@ dropout_linear_4bit_lora.register_autograd(
 )
 
 
+def keep_dequantized(layer: nn.Module) -> None:
+    """Keep ``layer``'s dequantized 16-bit weight from the forward of large compiled steps for
+    their backward, which then does not dequantize it again (:func:`linear_4bit_lora`): one of
+    two dequantizations saved per step without checkpointing, for the weight's 16-bit size in
+    memory until its backward (7.2 GB for Phi-3-mini's decoder layers)."""
+    layer._lit_cats_keep_weight = True
+
+
 def _weight_args(layer: nn.Module) -> tuple:
     """A 4-bit layer's weight as the large-step ops take it: :func:`_quantized`, shape,
-    blocksize and whether it is a layer's output (:func:`mark_layer_output`)."""
+    blocksize, whether it is a layer's output (:func:`mark_layer_output`) and whether its
+    dequantized weight is kept for the backward (:func:`keep_dequantized`)."""
     state = layer.weight.quant_state
     layer_output = getattr(layer, "_lit_cats_layer_output", False)
-    return *_quantized(layer), list(state.shape), state.blocksize, layer_output
+    keep_weight = getattr(layer, "_lit_cats_keep_weight", False)
+    return *_quantized(layer), list(state.shape), state.blocksize, layer_output, keep_weight
 
 
 def _fuses(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -507,7 +550,7 @@ def fused_dropout_lora_linear(
     :func:`fused_lora_linear` may)."""
     if not _fuses(layer, x) or x.dtype != (layer.compute_dtype or x.dtype):
         return None
-    out, _ = dropout_linear_4bit_lora(x, lora_a, lora_b, scaling, p, seed, *_weight_args(layer))
+    out, _, _ = dropout_linear_4bit_lora(x, lora_a, lora_b, scaling, p, seed, *_weight_args(layer))
     return out
 
 
@@ -524,7 +567,8 @@ def fused_lora_linear(
     if not _fuses(layer, x):
         return None
     compute = x.to(layer.compute_dtype or x.dtype)
-    return linear_4bit_lora(compute, low_rank, lora_b, scaling, *_weight_args(layer)).to(x.dtype)
+    out, _ = linear_4bit_lora(compute, low_rank, lora_b, scaling, *_weight_args(layer))
+    return out.to(x.dtype)
 
 
 def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:

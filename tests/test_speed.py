@@ -713,20 +713,33 @@ def _lora_op_inputs():
     b = torch.randn(base.out_features, 8, generator=gen).requires_grad_()
     inner = state.state2
     args = (x, low, b, 2.0, base.weight, state.absmax, inner.absmax, inner.code, state.offset,
-            list(state.shape), state.blocksize, False)  # fmt: skip
+            list(state.shape), state.blocksize, False, False)  # fmt: skip
     return base, args
 
 
-def test_4bit_lora_op_is_bitsandbytes_matmul_plus_the_update():
+@pytest.mark.parametrize("keep_weight", [False, True])
+def test_4bit_lora_op_is_bitsandbytes_matmul_plus_the_update(keep_weight):
     """The custom op of large compiled steps: forward and gradients of x, low-rank input and B
-    equal bitsandbytes' matmul plus ``scaling * low @ B.T`` under autograd."""
+    equal bitsandbytes' matmul plus ``scaling * low @ B.T`` under autograd. With
+    ``keep_weight`` it also returns the dequantized weight, and its backward uses that one
+    instead of dequantizing again."""
+    from bitsandbytes import functional as bnb_functional
+
+    from lit_cats import nf4
     from lit_cats.nf4 import linear_4bit_lora
 
     base, args = _lora_op_inputs()
+    args = (*args[:-1], keep_weight)
     x, low, b, scaling = args[:4]
     torch.library.opcheck(linear_4bit_lora, args)  # schema, fake kernel, autograd registration
-    got = linear_4bit_lora(*args)
-    got.float().square().sum().backward()
+    got, weight = linear_4bit_lora(*args)
+    if keep_weight:
+        state = base.weight.quant_state
+        assert torch.equal(weight, bnb_functional.dequantize_4bit(base.weight, state).bfloat16())
+    else:
+        assert weight.numel() == 0
+    dequantized = _count_calls(nf4, "_dequantize", lambda: got.float().square().sum().backward())
+    assert dequantized == (0 if keep_weight else 1)
     grads = [t.grad.clone() for t in (x, low, b)]
     for t in (x, low, b):
         t.grad = None
@@ -737,20 +750,24 @@ def test_4bit_lora_op_is_bitsandbytes_matmul_plus_the_update():
         assert _rel(g, t.grad) < 2e-2
 
 
-def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces():
+@pytest.mark.parametrize("keep_weight", [False, True])
+def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces(keep_weight):
     """The whole LoRA layer of large compiled steps as one op (nf4.dropout_linear_4bit_lora):
     its output, its low-rank output and the gradients of x, A and B are those of the dropout op
     followed by the 4-bit LoRA op under the same seed, whether or not the low-rank output is
-    used downstream. Only the rounding of x's gradient differs (the two shares are summed in
-    the GEMM's accumulator)."""
+    used downstream, and whether or not the dequantized weight is kept for the backward. Only
+    the rounding of x's gradient differs (the two shares are summed in the GEMM's
+    accumulator)."""
     _, (x, _, b, _, *weight) = _lora_op_inputs()
+    weight[-1] = keep_weight
     # A and B small enough that the base and the LoRA branch have gradients of x of one size
     a = 0.1 * torch.randn(8, x.shape[1], generator=torch.Generator().manual_seed(4))
     _check_dropout_lora_op(x, a.requires_grad_(), (0.1 * b).detach().requires_grad_(), weight)
 
 
 @pytest.mark.gpu
-def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces_on_gpu():
+@pytest.mark.parametrize("keep_weight", [False, True])
+def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces_on_gpu(keep_weight):
     """The same on CUDA, where the dropout runs as Triton kernels and the base weight is
     dequantized by the Triton kernel (3,001 rows: a partial last tile)."""
     from lit_cats import lora_dropout
@@ -761,7 +778,7 @@ def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces_on_gpu():
     a = 0.1 * torch.randn(16, 256, device="cuda", generator=gen)
     b = 0.1 * torch.randn(384, 16, device="cuda", generator=gen)
     assert lora_dropout.applies(x, a)
-    weight = [*quantized, shape, blocksize, False]
+    weight = [*quantized, shape, blocksize, False, keep_weight]
     _check_dropout_lora_op(x, a.requires_grad_(), b.requires_grad_(), weight)
 
 
@@ -779,36 +796,58 @@ def _check_dropout_lora_op(x, a, b, weight, scaling=2.0) -> None:
     for use_low in (False, True):
         for t in (x, a, b):
             t.grad = None
-        out, low = dropout_linear_4bit_lora(*args)
+        out, low, _ = dropout_linear_4bit_lora(*args)
         (out.float().square().sum() + use_low * low.float().sum()).backward()
         grads = [t.grad.clone() for t in (x, a, b)]
         for t in (x, a, b):
             t.grad = None
         low_ref = dropout_lora_a(x, a, p, seed)
-        ref = linear_4bit_lora(x, low_ref, b, scaling, *weight)
+        ref, _ = linear_4bit_lora(x, low_ref, b, scaling, *weight)
         (ref.float().square().sum() + use_low * low_ref.float().sum()).backward()
         assert torch.equal(out, ref) and torch.equal(low, low_ref)
         for g, t in zip(grads, (x, a, b), strict=True):
             assert _rel(g, t.grad) < 1e-2
+    kept = dropout_linear_4bit_lora(*args)[2].detach()
     backward_args = (out.detach(), low.detach(), x.detach(), a.detach(), b.detach(),
-                     low.detach(), seed, *weight[:5], scaling, p, *weight[5:7], True)  # fmt: skip
+                     low.detach(), seed, kept, *weight[:5], scaling, p, *weight[5:7], weight[8],
+                     True)  # fmt: skip
     torch.library.opcheck(dropout_linear_4bit_lora_backward, backward_args)
 
 
 def test_4bit_lora_op_of_a_layer_output_is_skipped_only_when_recomputed():
     """A layer's last projection (nf4.mark_layer_output) does its matmul in the forward and
-    returns NaNs without it inside nf4.recomputing(); other layers always compute."""
+    returns NaNs without it inside nf4.recomputing(); other layers always compute, and so does
+    a layer output whose dequantized weight is kept for the backward."""
     from lit_cats.nf4 import linear_4bit_lora, recomputing
 
     _, args = _lora_op_inputs()
-    last, skipped = (*args[:-1], True), []
+    last, skipped = (*args[:-2], True, False), []
+    kept = (*args[:-2], True, True)  # a kept weight is read by the backward: never skipped
     with torch.no_grad():
-        ref = linear_4bit_lora(*args)
-        torch.testing.assert_close(linear_4bit_lora(*last), ref, rtol=0, atol=0)
+        ref = linear_4bit_lora(*args)[0]
+        torch.testing.assert_close(linear_4bit_lora(*last)[0], ref, rtol=0, atol=0)
         with recomputing():
-            torch.testing.assert_close(linear_4bit_lora(*args), ref, rtol=0, atol=0)
-            calls = _count_4bit_matmuls(lambda: skipped.append(linear_4bit_lora(*last)))
+            torch.testing.assert_close(linear_4bit_lora(*args)[0], ref, rtol=0, atol=0)
+            calls = _count_4bit_matmuls(lambda: skipped.append(linear_4bit_lora(*last)[0]))
+            assert _count_4bit_matmuls(lambda: linear_4bit_lora(*kept)) == (1, 0)
+            torch.testing.assert_close(linear_4bit_lora(*kept)[0], ref, rtol=0, atol=0)
     assert calls == (0, 0) and skipped[0].isnan().all()
+
+
+def _count_calls(module, name: str, fn) -> int:
+    """How many times ``fn()`` calls ``module.name``."""
+    real, calls = getattr(module, name), []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    setattr(module, name, spy)
+    try:
+        fn()
+    finally:
+        setattr(module, name, real)
+    return len(calls)
 
 
 def _count_4bit_matmuls(fn) -> tuple[int, int]:
@@ -855,6 +894,68 @@ def test_compiled_large_steps_add_lora_in_place_and_match_eager():
     assert forward == 4 * layers  # qkv, o, gate_up, down in every layer
     assert backward == 3 * layers  # recomputed: all but down_proj
     torch._dynamo.reset()
+
+
+def _no_gc_step(keep: bool, batch: dict) -> tuple[tuple, tuple[int, int], int]:
+    """A compiled step without checkpointing: its loss and gradients, how many weights its
+    forward and its backward dequantized (the ops the compiled code runs, as the profiler
+    records them), and how many LoRA layers the model has."""
+    from torch.profiler import profile
+
+    settings = {"loss_chunk_size": 512, "fast_lora": True, "upcast_to_fp32": False}
+    module = _module(
+        compile=True, gradient_checkpointing=False, keep_dequantized_weights=keep, **settings
+    )
+    _loss_and_grads(module, batch)  # compiles first: only the second step is counted
+    module.zero_grad()
+    module.on_train_batch_start(batch, 0)
+    try:
+        with profile() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module._training_loss(batch)
+        with profile() as backward:
+            loss.backward()
+    finally:
+        module.on_train_batch_end(None, batch, 0)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    counts = tuple(
+        sum(e.name in ("bitsandbytes::dequantize_4bit", "lit_cats::dequantize_nf4")
+            for e in prof.events())
+        for prof in (forward, backward)
+    )  # fmt: skip
+    lora_layers = 4 * len(module.model.get_base_model().model.layers)  # qkv, o, gate_up, down
+    return (loss.item(), grads), counts, lora_layers
+
+
+@needs_cxx
+def test_kept_dequantized_weights_spare_the_backward_its_dequantization():
+    """model.keep_dequantized_weights: a compiled large step without checkpointing dequantizes
+    each 4-bit weight once, in the forward, not again in the backward, with the very same loss
+    and gradients."""
+    import torch._dynamo
+
+    from lit_cats.nf4 import MAX_TOKENS
+
+    torch._dynamo.reset()
+    batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
+    ref, dequantized, layers = _no_gc_step(False, batch)
+    # the backward: all but the first qkv_proj, whose input (the embeddings) needs no gradient
+    assert dequantized == (layers, layers - 1)
+    torch._dynamo.reset()
+    got, dequantized, _ = _no_gc_step(True, batch)
+    assert dequantized == (layers, 0)
+    _assert_close(got, ref, loss_tol=0, grad_tol=0)
+    torch._dynamo.reset()
+
+
+def test_keep_dequantized_weights_refuses_what_it_cannot_mean():
+    keep = {"keep_dequantized_weights": True, "compile": True, "gradient_checkpointing": False}
+    with pytest.raises(ValueError, match="load_in_4bit is false"):
+        QLoRAModule(TINY_MODEL_ID, **{**keep, "load_in_4bit": False})
+    with pytest.raises(ValueError, match="set model.gradient_checkpointing false"):
+        QLoRAModule(TINY_MODEL_ID, **{**keep, "gradient_checkpointing": True})
+    with pytest.raises(ValueError, match="set model.compile true"):
+        QLoRAModule(TINY_MODEL_ID, **{**keep, "compile": False})
+    QLoRAModule(TINY_MODEL_ID, **keep)  # all three right: accepted
 
 
 @pytest.mark.gpu
