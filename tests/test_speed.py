@@ -896,27 +896,37 @@ def test_compiled_large_steps_add_lora_in_place_and_match_eager():
     torch._dynamo.reset()
 
 
-def _no_gc_step(keep: bool, batch: dict) -> tuple[tuple, tuple[int, int], int]:
+def _no_gc_step(
+    keep: bool, batch: dict, device: str = "cpu", lora_dropout: float = 0.0
+) -> tuple[tuple, tuple[int, int], int]:
     """A compiled step without checkpointing: its loss and gradients, how many weights its
     forward and its backward dequantized (the ops the compiled code runs, as the profiler
     records them), and how many LoRA layers the model has."""
-    from torch.profiler import profile
+    from torch.profiler import ProfilerActivity, profile
 
     settings = {"loss_chunk_size": 512, "fast_lora": True, "upcast_to_fp32": False}
     module = _module(
-        compile=True, gradient_checkpointing=False, keep_dequantized_weights=keep, **settings
+        device,
+        compile=True,
+        gradient_checkpointing=False,
+        keep_dequantized_weights=keep,
+        lora_dropout=lora_dropout,
+        **settings,
     )
     _loss_and_grads(module, batch)  # compiles first: only the second step is counted
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     module.zero_grad()
     module.on_train_batch_start(batch, 0)
+    torch.manual_seed(5)  # the same dropout masks in both settings
     try:
-        with profile() as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu = [ProfilerActivity.CPU]  # the ops as the host calls them
+        with profile(activities=cpu) as forward, torch.autocast(device, dtype=torch.bfloat16):
             loss = module._training_loss(batch)
-        with profile() as backward:
+        with profile(activities=cpu) as backward:
             loss.backward()
     finally:
         module.on_train_batch_end(None, batch, 0)
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.cpu() for n, p in module.named_parameters() if p.requires_grad}
     counts = tuple(
         sum(e.name in ("bitsandbytes::dequantize_4bit", "lit_cats::dequantize_nf4")
             for e in prof.events())
@@ -944,6 +954,26 @@ def test_kept_dequantized_weights_spare_the_backward_its_dequantization():
     got, dequantized, _ = _no_gc_step(True, batch)
     assert dequantized == (layers, 0)
     _assert_close(got, ref, loss_tol=0, grad_tol=0)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_kept_dequantized_weights_on_gpu():
+    """The same on CUDA, where the whole LoRA layer with its dropout is one op and the Triton
+    kernel dequantizes: nothing is dequantized in the backward, and the loss and gradients are
+    those of the step that dequantizes again."""
+    import torch._dynamo
+
+    from lit_cats.nf4 import MAX_TOKENS
+
+    torch._dynamo.reset()
+    batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
+    ref, dequantized, layers = _no_gc_step(False, batch, "cuda", lora_dropout=0.1)
+    assert dequantized == (layers, layers - 1)
+    torch._dynamo.reset()
+    got, dequantized, _ = _no_gc_step(True, batch, "cuda", lora_dropout=0.1)
+    assert dequantized == (layers, 0)
+    _assert_close(got, ref, loss_tol=1e-6, grad_tol=1e-3)
     torch._dynamo.reset()
 
 
