@@ -134,8 +134,7 @@ def _fast(
 ) -> Run:
     model = {**FAST_MODEL, "liger_kernels": liger, "compile": compile}
     model["uncheckpointed_layers"] = uncheckpointed
-    if keep_weights:
-        model["keep_dequantized_weights"] = True
+    model["keep_dequantized_weights"] = keep_weights
     if not kw.get("packing"):
         kw.setdefault("pad_to_multiple_of", FAST_PAD_MULTIPLE)
     if kw.get("batch_size", 2) == 2 and not kw.get("packing"):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_cats import lora_dropout
-from lit_cats.nf4 import keep_dequantized, mark_layer_output, recomputing, trace_nf4_layers
+from lit_cats.nf4 import mark_layer_output, recomputing, trace_nf4_layers
 
 
 def apply_liger_kernels(model: nn.Module) -> None:
@@ -86,7 +86,7 @@ def compile_decoder_layers(model: nn.Module, keep_dequantized_weights: bool = Fa
     in the backward skips Phi-3's MLP ``down_proj`` on large steps and reuses the forward's
     LoRA-A outputs (:func:`checkpoint_around`). With ``keep_dequantized_weights``, large steps
     keep each 4-bit weight's 16-bit copy from the forward for the backward
-    (:func:`lit_cats.nf4.keep_dequantized`).
+    (:func:`lit_cats.nf4.trace_nf4_layers`).
 
     Raises:
         ValueError: If no decoder layers are found, or on a CPU without a C++ compiler.
@@ -106,11 +106,8 @@ def compile_decoder_layers(model: nn.Module, keep_dequantized_weights: bool = Fa
     _refuse_liger_rope(model)
     phi3 = _is_phi3(model)
     for layer in layers:
-        trace_nf4_layers(layer)  # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
-        if keep_dequantized_weights:
-            for module in layer.modules():
-                if hasattr(module, "_lit_cats_bnb_forward"):  # what trace_nf4_layers took
-                    keep_dequantized(module)
+        # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
+        trace_nf4_layers(layer, keep_dequantized=keep_dequantized_weights)
         if phi3:  # residual + dropout(mlp.down_proj(...)): not run again when recomputed
             down = layer.mlp.down_proj
             mark_layer_output(getattr(down, "base_layer", down))

@@ -30,6 +30,7 @@ from lit_cats.kernels import (
 from lit_cats.loading import experiment_dir, load_tokenizer
 from lit_cats.lora_fast import enable_fast_lora
 from lit_cats.losses import chunked_causal_lm_loss
+from lit_cats.nf4 import MAX_TOKENS
 from lit_cats.packing import is_packed, register_varlen_attention
 from lit_cats.prompts import Prompt
 from lit_cats.quant import (
@@ -68,7 +69,7 @@ def _check_keep_dequantized_weights(load_in_4bit: bool, checkpointing: bool, com
     if not compile:
         raise ValueError(
             "model.keep_dequantized_weights applies to compiled layers (their 4-bit matmuls on "
-            "steps of more than 2,048 tokens): set model.compile true, or "
+            f"steps of more than {MAX_TOKENS:,} tokens): set model.compile true, or "
             "keep_dequantized_weights false."
         )
 
@@ -96,7 +97,7 @@ class QLoRAModule(L.LightningModule):
             on speed: per layer, about 1.1 GiB for Phi-3-mini at 16k tokens, for up to ~0.8%.
         keep_dequantized_weights: Without checkpointing, in compiled layers on steps of more
             than 2,048 tokens: keep each 4-bit weight's 16-bit copy from the forward for the
-            backward instead of dequantizing it again (``lit_cats.nf4.keep_dequantized``). Spare
+            backward instead of dequantizing it again (``lit_cats.nf4.trace_nf4_layers``). Spare
             GPU memory spent on speed: 7.2 GB more for Phi-3-mini.
         attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``, ...).
         trust_remote_code: Run modelling code from the Hub repo. Off: transformers has Phi-3.

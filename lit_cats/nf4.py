@@ -15,7 +15,7 @@ double quantization the absmax values are themselves 8-bit codes, scaled per blo
 offset. On the CPU the result is bit-identical to bitsandbytes' (tests/test_speed.py).
 
 The backward dequantizes again, as bitsandbytes does: only the packed weight is kept for it,
-not the 16-bit one (unless :func:`keep_dequantized` asks for that, on large steps). Weights in
+not the 16-bit one (unless :func:`trace_nf4_layers` is told to keep it, on large steps). Weights in
 any other layout (FP4, other storage types, CPU-packed) keep bitsandbytes' path.
 
 Only steps of at most :data:`MAX_TOKENS` tokens take this path; larger ones are GPU-bound, where
@@ -297,7 +297,7 @@ def linear_4bit_lora(
     inputs, never the output, so it is unchanged. On a checkpointed 16k-token step of Phi-3-mini
     that skips the 32 ``down_proj`` matmuls, 7% of the step's matmul FLOPs.
 
-    The second output is the dequantized weight with ``keep_weight`` (:func:`keep_dequantized`),
+    The second output is the dequantized weight with ``keep_weight`` (:func:`trace_nf4_layers`),
     which the backward then uses instead of dequantizing again; else an empty tensor. (A kept
     weight is what the backward reads, so a rerun then computes it: it never skips.)
     """
@@ -340,21 +340,21 @@ def _(
 
 
 def _lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    _, low_rank, lora_b, scaling, *quantized, shape, blocksize, _, keep_weight = inputs
+    _, low_rank, lora_b, scaling, *quantized, shape, blocksize, _, _ = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(low_rank, lora_b, output[1], *quantized)
-    ctx.meta = (scaling, shape, blocksize, keep_weight)
+    ctx.meta = (scaling, shape, blocksize)
 
 
 def _lora_backward(
     ctx: Any, grad: torch.Tensor, _grad_weight: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
     low_rank, lora_b, kept, *quantized = ctx.saved_tensors
-    scaling, shape, blocksize, keep_weight = ctx.meta
+    scaling, shape, blocksize = ctx.meta
     need_x, need_low, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_low = grad_b = None
     if need_x:
-        grad_x = grad @ _backward_weight(kept, keep_weight, quantized, shape, blocksize, grad.dtype)
+        grad_x = grad @ _backward_weight(kept, quantized, shape, blocksize, grad.dtype)
     if need_low:
         grad_low = _grad_low_rank(grad, lora_b, scaling)
     if need_b:
@@ -364,15 +364,15 @@ def _lora_backward(
 
 def _backward_weight(
     kept: torch.Tensor,
-    keep_weight: bool,
     quantized: list[torch.Tensor | None],
     shape: list[int],
     blocksize: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The weight the backward multiplies by: the forward's, if it kept it, else dequantized
-    again, as bitsandbytes' own backward does."""
-    if keep_weight:
+    """The weight the backward multiplies by: the forward's, if it kept it (``kept`` is then
+    not empty, a size known when tracing), else dequantized again, as bitsandbytes' own backward
+    does."""
+    if kept.numel():
         return kept.to(dtype)
     return _dequantize(*quantized, shape, blocksize, dtype)
 
@@ -458,7 +458,6 @@ def dropout_linear_4bit_lora_backward(
     p: float,
     shape: list[int],
     blocksize: int,
-    keep_weight: bool,
     need_x: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``x``, ``lora_a`` and ``lora_b`` of :func:`dropout_linear_4bit_lora`
@@ -472,22 +471,21 @@ def dropout_linear_4bit_lora_backward(
     grad_x, grad_a = lora_dropout.dropout_lora_a_backward(low_grad.to(x.dtype), x, lora_a, p, seed)
     if need_x:  # the base GEMM adds its gradient into the LoRA branch's (beta = 1)
         quantized = [packed, absmax, absmax_scale, absmax_code, offset]
-        grad_x.addmm_(grad, _backward_weight(kept, keep_weight, quantized, shape, blocksize,
-                                             grad.dtype))  # fmt: skip
+        grad_x.addmm_(grad, _backward_weight(kept, quantized, shape, blocksize, grad.dtype))
     return grad_x, grad_a, grad_b
 
 
 @dropout_linear_4bit_lora_backward.register_fake
 def _(grad, grad_low, x, lora_a, lora_b, low, seed, kept, packed, absmax, absmax_scale,
-      absmax_code, offset, scaling, p, shape, blocksize, keep_weight, need_x):  # fmt: skip
+      absmax_code, offset, scaling, p, shape, blocksize, need_x):  # fmt: skip
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _dropout_lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x, lora_a, lora_b, scaling, p, seed, *weight, shape, blocksize, _, keep_weight = inputs
+    x, lora_a, lora_b, scaling, p, seed, *weight, shape, blocksize, _, _ = inputs
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(x, lora_a, lora_b, output[1], seed, output[2], *weight)
-    ctx.meta = (scaling, p, shape, blocksize, keep_weight)
+    ctx.meta = (scaling, p, shape, blocksize)
 
 
 def _dropout_lora_backward(
@@ -506,18 +504,10 @@ dropout_linear_4bit_lora.register_autograd(
 )
 
 
-def keep_dequantized(layer: nn.Module) -> None:
-    """Keep ``layer``'s dequantized 16-bit weight from the forward of large compiled steps for
-    their backward, which then does not dequantize it again (:func:`linear_4bit_lora`): one of
-    two dequantizations saved per step without checkpointing, for the weight's 16-bit size in
-    memory until its backward (7.2 GB for Phi-3-mini's decoder layers)."""
-    layer._lit_cats_keep_weight = True
-
-
 def _weight_args(layer: nn.Module) -> tuple:
     """A 4-bit layer's weight as the large-step ops take it: :func:`_quantized`, shape,
     blocksize, whether it is a layer's output (:func:`mark_layer_output`) and whether its
-    dequantized weight is kept for the backward (:func:`keep_dequantized`)."""
+    dequantized weight is kept for the backward (:func:`trace_nf4_layers`)."""
     state = layer.weight.quant_state
     layer_output = getattr(layer, "_lit_cats_layer_output", False)
     keep_weight = getattr(layer, "_lit_cats_keep_weight", False)
@@ -583,11 +573,16 @@ def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def trace_nf4_layers(module: nn.Module) -> int:
+def trace_nf4_layers(module: nn.Module, keep_dequantized: bool = False) -> int:
     """Let compiled code see through every bitsandbytes 4-bit linear layer in ``module``.
 
     Eager calls keep bitsandbytes' own forward; only code being compiled takes the torch-op
     path. Idempotent; parameters and state dict are unchanged. Returns how many layers.
+
+    With ``keep_dequantized``, large steps keep each layer's dequantized 16-bit weight from the
+    forward for the backward, which then does not dequantize it again (:func:`linear_4bit_lora`):
+    one of two dequantizations saved per step without checkpointing, for the weight's 16-bit size
+    in memory until its backward (7.2 GB for Phi-3-mini's decoder layers).
     """
     try:
         from bitsandbytes.nn import Linear4bit
@@ -599,5 +594,7 @@ def trace_nf4_layers(module: nn.Module) -> int:
             if not hasattr(layer, "_lit_cats_bnb_forward"):
                 layer._lit_cats_bnb_forward = layer.forward
                 layer.forward = types.MethodType(_nf4_forward, layer)
+            if keep_dequantized:
+                layer._lit_cats_keep_weight = True
             count += 1
     return count
