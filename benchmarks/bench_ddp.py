@@ -43,6 +43,7 @@ from bench_train import (  # noqa: E402
     fit_timed,
     label_tokens,
     make_workload,
+    qlora_module,
     workload_datamodule,
 )
 
@@ -65,8 +66,6 @@ def worker(args: argparse.Namespace) -> None:
     """One fit on ``args.devices`` devices; rank zero writes the result to ``args.out``."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lit_cats.model import QLoRAModule
-
     setup = SETUPS[args.setups]
     model_dir = Path(args.model_dir)
     kwargs: dict[str, Any] = dict(setup.get("model", {}))
@@ -74,8 +73,8 @@ def worker(args: argparse.Namespace) -> None:
         kwargs["optimizer"] = lambda params: torch.optim.AdamW(
             params, lr=2e-4, weight_decay=0.0, foreach=True
         )
-    module = QLoRAModule(
-        str(model_dir), target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], **kwargs
+    module = qlora_module(
+        model_dir, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], **kwargs
     )
     vocab = 1024 if args.model == "tiny" else 32064
     data = make_workload("short", vocab, args.examples)  # seeded: the same on every rank

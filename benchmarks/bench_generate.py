@@ -44,9 +44,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the shared random Phi-3-mini def
 
 from bench_train import PHI3_MINI, TARGETS, append_results, environment  # noqa: E402
 
-from lit_cats.generation import GenerationSettings, generate  # noqa: E402
-from lit_cats.inference import load_base, load_for_inference  # noqa: E402
-from lit_cats.merge import merge_adapter  # noqa: E402
+from lit_cats.inference.adapters import load_for_inference  # noqa: E402
+from lit_cats.inference.generation import GenerationSettings, generate  # noqa: E402
+from lit_cats.inference.merge import merge_adapter  # noqa: E402
+from lit_cats.recipe import load_base  # noqa: E402
 
 #: The issue's reference: the original loop, 8 x 250 tokens in 101 s on one H100.
 ORIGINAL_TOKENS_PER_S = 19.8
@@ -191,7 +192,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             time_arm("batched_4bit", lit_cats_batched, model, tokenizer, prompts, tokens, device)
         )
         if args.fast_lora:
-            from lit_cats.lora_fast import enable_fast_lora
+            from lit_cats.fast.lora import enable_fast_lora
 
             enable_fast_lora(model)
             rows.append(

@@ -72,9 +72,19 @@ def _fast_settings() -> tuple[dict[str, Any], int]:
     import yaml
 
     fast = yaml.safe_load((REPO / "configs" / "fast.yaml").read_text())
-    own = ("gradient_checkpointing", "liger_kernels", "compile", "optimizer")
-    model = {k: v for k, v in fast["model"].items() if k not in own}
+    own = ("gradient_checkpointing", "liger_kernels", "compile")
+    model = {k: v for k, v in fast["model"]["speed"].items() if k not in own}
     return model, int(fast["data"].get("pad_to_multiple_of", 1))
+
+
+def qlora_module(model_dir: Path | str, **settings: Any) -> Any:
+    """A ``QLoRAModule`` from flat keyword arguments: the speed ones go to ``speed=``."""
+    from lit_cats.fast import SpeedSettings
+    from lit_cats.model import QLoRAModule
+
+    fields = SpeedSettings.__dataclass_fields__
+    speed = {k: settings.pop(k) for k in list(settings) if k in fields}
+    return QLoRAModule(str(model_dir), speed=SpeedSettings(**speed), **settings)
 
 
 #: The fast settings of configs/fast.yaml: model keyword arguments, and the width multiple
@@ -294,7 +304,7 @@ def make_workload(workload: str, vocab: int, count: int, seed: int = 1) -> list[
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Tokens that carry a loss: the count lit-cats logs (``label_token_count``)."""
-    from lit_cats.formatting import label_token_count
+    from lit_cats.loss import label_token_count
 
     return label_token_count(batch["labels"])
 
@@ -337,8 +347,6 @@ def _free() -> None:
 def run_lit_cats(run: Run, model_dir: Path, data: list[list[int]], device: str) -> dict[str, Any]:
     """Time lit-cats' own Lightning training step (QLoRAModule + CatsDataModule)."""
 
-    from lit_cats.model import QLoRAModule
-
     if run.model.get("compile"):  # each compiled run pays (and reports) its own compilation
         import torch._dynamo as dynamo
 
@@ -351,8 +359,8 @@ def run_lit_cats(run: Run, model_dir: Path, data: list[list[int]], device: str) 
 
     kwargs = {"optimizer": optimizer} if optimizer else {}
     recipe = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": TARGETS}
-    module = QLoRAModule(
-        str(model_dir),
+    module = qlora_module(
+        model_dir,
         gradient_checkpointing=run.gradient_checkpointing,
         **{**recipe, **run.model},  # a run's own settings win
         **kwargs,
@@ -387,8 +395,8 @@ def workload_datamodule(
     """lit-cats' real data module (sampling, packing, collation) over in-memory token ids."""
     import datasets
 
-    from lit_cats.data import CatsDataModule
-    from lit_cats.loading import load_tokenizer
+    from lit_cats.data.datamodule import CatsDataModule
+    from lit_cats.recipe import load_tokenizer
 
     longest = max(len(x) for x in data)
     dm = CatsDataModule(
@@ -507,7 +515,7 @@ def run_trl(run: Run, model_dir: Path, data: list[list[int]], device: str) -> di
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from lit_cats.quant import build_bnb_config
+    from lit_cats.recipe import build_bnb_config
 
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
@@ -592,11 +600,9 @@ def check_packed_loss(
     model_dir: Path, device: str, vocab: int, lengths: list[int]
 ) -> dict[str, float]:
     """Packed (varlen attention) vs padded (SDPA) loss on the same examples, forward only."""
-    from lit_cats.data import collate
-    from lit_cats.model import QLoRAModule
-    from lit_cats.packing import pack_examples
+    from lit_cats.data.collate import collate, pack_examples
 
-    module = QLoRAModule(str(model_dir), lora_dropout=0.0, **FAST_MODEL)
+    module = qlora_module(model_dir, lora_dropout=0.0, **FAST_MODEL)
     module._trainer = None
     if device == "cuda":
         module._target_device = lambda: torch.device("cuda")  # type: ignore[method-assign]

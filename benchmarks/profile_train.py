@@ -22,13 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_train import FAST_MODEL, build_random_phi3, make_workload
+from bench_train import FAST_MODEL, build_random_phi3, make_workload, qlora_module
 
 
 def batches(shape: str, vocab: int, pad_multiple: int = 1) -> list[dict]:
     """Ten batches of the requested shape from the short workload."""
-    from lit_cats.data import collate
-    from lit_cats.packing import TokenBudgetBatchSampler, pack_examples
+    from lit_cats.data.collate import collate, pack_examples
+    from lit_cats.data.sampling import TokenBudgetBatchSampler
 
     if shape == "long":
         data = make_workload("long", vocab, 200)
@@ -58,13 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=18, help="kernel rows printed")
     parser.add_argument("--trace", type=Path, help="also write the profiled steps' Chrome trace")
     args = parser.parse_args(argv)
-    from lit_cats.model import QLoRAModule
-
     model_dir = build_random_phi3(args.model_dir, "cuda", tiny=False)
     kwargs = {} if args.plain else dict(FAST_MODEL)
     kwargs.update(compile=args.compile, liger_kernels=args.liger)
-    module = QLoRAModule(
-        str(model_dir),
+    module = qlora_module(
+        model_dir,
         gradient_checkpointing=not args.no_gc,
         lora_dropout=args.lora_dropout,
         **kwargs,
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         module.on_train_batch_start(batch, 0)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = module._training_loss(batch)
+            loss = module.kit.loss(module.model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3, foreach=True)
         opt.step()

@@ -5,17 +5,22 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
+import yaml
 from jsonargparse import auto_cli, lazy_instance
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_cats.callbacks import GenerationSamples, HubPushCallback, PredictionWriter
-from lit_cats.data import CatsDataModule
+from lit_cats.data.datamodule import CatsDataModule
+from lit_cats.fast.settings import LEGACY_KEYS
 from lit_cats.hub import push_run
-from lit_cats.loading import experiment_dir, newest_match
-from lit_cats.merge import merge_adapter
+from lit_cats.inference.merge import merge_adapter
+from lit_cats.inference.module import AdapterModule
+from lit_cats.locations import experiment_dir, newest_match
 from lit_cats.model import QLoRAModule
 from lit_cats.tiny import tiny_model_path
 
@@ -42,6 +47,61 @@ class CatsCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = str(find_last_checkpoint(self.trainer))
+
+    def _parse_ckpt_path(self) -> None:
+        """Read a checkpoint's hyperparameters as Lightning does, after migrating old keys.
+
+        Lightning's own method (private; no public hook parses the checkpoint's
+        hyperparameters) would reject checkpoints written before ``model.speed`` existed.
+        """
+        ckpt_path = (
+            self.config[self.config.subcommand].get("ckpt_path")
+            if self.config.get("subcommand")
+            else None
+        )
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = migrate_hparams(checkpoint.get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if hparams:
+            self.config = self.parser.parse_object(
+                {self.config.subcommand: {"model": hparams}}, self.config
+            )
+
+
+def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters of an older checkpoint in today's shape: the speed keys that sat directly
+    under ``model:`` go under ``model.speed:``; ``fit`` does not take ``adapter``/``generation``."""
+    hparams = dict(hparams)
+    moved = {key: hparams.pop(key) for key in LEGACY_KEYS if key in hparams}
+    if moved:
+        hparams["speed"] = {**moved, **(hparams.get("speed") or {})}
+    for key in ("adapter", "generation"):
+        if hparams.get(key) is None:
+            hparams.pop(key, None)
+    return hparams
+
+
+def legacy_key_error(argv: Sequence[str]) -> str | None:
+    """A message for command-line flags or config files that use the pre-``model.speed`` keys."""
+    found = []
+    for i, arg in enumerate(argv):
+        key = arg.split("=", 1)[0]
+        if key.startswith("--model.") and key[len("--model.") :] in LEGACY_KEYS:
+            found.append(f"{key} -> --model.speed.{key[len('--model.') :]}")
+        if key in ("--config", "-c") and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+            model = (yaml.safe_load(Path(argv[i + 1]).read_text()) or {}).get("model") or {}
+            found += [
+                f"{argv[i + 1]}: model.{k} -> model.speed.{k}" for k in LEGACY_KEYS if k in model
+            ]
+    if not found:
+        return None
+    return (
+        "The speed and memory settings moved under model.speed (lit-cats 0.2). Rename: "
+        + "; ".join(found)
+        + "."
+    )
 
 
 def find_last_checkpoint(trainer: Trainer) -> Path:
@@ -82,6 +142,13 @@ def _helper_commands() -> dict[str, Callable[..., None]]:
     return {"tiny": build_tiny, "push": push_run, "merge": merge_adapter}
 
 
+def model_class(argv: Sequence[str]) -> type[QLoRAModule]:
+    """``fit`` trains a new adapter (:class:`QLoRAModule`); the other Trainer commands load one
+    (:class:`~lit_cats.inference.module.AdapterModule`)."""
+    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), "fit")
+    return QLoRAModule if subcommand == "fit" else AdapterModule
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lit-cats`` console script (returns None, as console scripts must).
 
@@ -93,8 +160,11 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv and argv[0] in helpers:
         auto_cli(helpers[argv[0]], args=argv[1:])
         return
+    legacy = legacy_key_error(argv)
+    if legacy:
+        sys.exit(f"error: {legacy}")
     CatsCLI(
-        QLoRAModule,
+        model_class(argv),
         CatsDataModule,
         args=None if args is None else argv,
         seed_everything_default=42,

@@ -41,7 +41,7 @@ def tiny_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_path: Path):
-    from lit_cats.loading import load_tokenizer
+    from lit_cats.recipe import load_tokenizer
 
     return load_tokenizer(TINY_MODEL_ID)
 

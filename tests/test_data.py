@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from lit_cats.assets import SHIPPED_DATASET, read_jsonl
-from lit_cats.data import CatsDataModule, LengthGroupedSampler, collate, load_raw_dataset
-from lit_cats.formatting import IGNORE_INDEX, tokenize_chat, tokenize_text
+from lit_cats.data.collate import collate
+from lit_cats.data.datamodule import CatsDataModule, load_raw_dataset
+from lit_cats.data.formatting import IGNORE_INDEX, tokenize_chat, tokenize_text
+from lit_cats.data.sampling import LengthGroupedSampler
 from lit_cats.tiny import TINY_MODEL_ID
 
 CHAT = [

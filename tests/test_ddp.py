@@ -17,13 +17,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_cats import distributed
 from lit_cats.cli import main
-from lit_cats.data import CatsDataModule, LengthGroupedSampler
-from lit_cats.distributed import (
-    average_tokens_across_ranks,
+from lit_cats.data import CatsDataModule
+from lit_cats.data.sampling import (
+    LengthGroupedSampler,
     data_parallel_size,
     shard_eval_sampler,
     shard_train_sampler,
 )
+from lit_cats.loss import average_tokens_across_ranks
 from lit_cats.tiny import TINY_MODEL_ID
 
 

@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 from lit_cats.cli import main
-from lit_cats.generation import encode_prompt, generate, stop_token_ids
-from lit_cats.inference import load_base, load_for_inference, resolve_adapter
-from lit_cats.prompts import load_prompts
+from lit_cats.data.prompts import load_prompts
+from lit_cats.inference.adapters import load_for_inference, resolve_adapter
+from lit_cats.inference.generation import encode_prompt, generate, stop_token_ids
+from lit_cats.recipe import load_base
 from lit_cats.tiny import PHI3_STOP_TOKENS, TINY_MODEL_ID
 
 PROMPTS = ["Why do cats sit in boxes?", "meow", [{"role": "user", "content": "Is the void warm?"}]]

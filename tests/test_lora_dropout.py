@@ -1,4 +1,4 @@
-"""LoRA dropout inside the LoRA-A matmul (lit_cats.lora_dropout): the counter-based mask, the
+"""LoRA dropout inside the LoRA-A matmul (lit_cats.fast.lora_dropout): the counter-based mask, the
 op's gradients, and the op in the model (checkpointing's rerun must draw the same mask)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_cats import lora_dropout
-from lit_cats.lora_dropout import dropout_lora_a, keep_mask, keep_scale, philox, threshold
-from lit_cats.packing import pack_examples
+from lit_cats.data.collate import pack_examples
+from lit_cats.fast import lora_dropout
+from lit_cats.fast.lora_dropout import dropout_lora_a, keep_mask, keep_scale, philox, threshold
 from tests.test_speed import (
     _assert_close,
     _cuda_module,
@@ -125,7 +125,7 @@ def test_fused_dropout_compiled_equals_eager(monkeypatch):
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
-    from lit_cats.nf4 import MAX_TOKENS
+    from lit_cats.fast.nf4 import MAX_TOKENS
 
     _fused_on_cpu(monkeypatch)
     torch._dynamo.reset()
@@ -156,8 +156,8 @@ def test_small_compiled_steps_take_the_compilers_dropout(monkeypatch):
     """Compiled steps of at most MAX_TOKENS tokens are host-bound: there the seeded op gives way
     to the compiler's own dropout and matmul (H100, batch 2: 0.32-0.34 -> 0.24-0.26 s/step).
     Large compiled steps and eager steps keep the op; the switch brings it back everywhere."""
-    from lit_cats import lora_fast
-    from lit_cats.nf4 import MAX_TOKENS
+    from lit_cats.fast import lora as lora_fast
+    from lit_cats.fast.nf4 import MAX_TOKENS
 
     monkeypatch.setattr(lora_dropout, "applies", lambda x, a: x.dim() == 2)
     dropout, lora_a = torch.nn.Dropout(0.1).train(), torch.zeros(16, 64)
@@ -216,7 +216,7 @@ def _count_computed(monkeypatch, fn) -> tuple[int, int]:
 
 _KERNEL_CHECK = """
 import torch
-from lit_cats import lora_dropout as L
+from lit_cats.fast import lora_dropout as L
 torch.manual_seed(0)
 for rows, width, rank in [(70, 256, 8), (130, 384, 16)]:
     x, a = torch.randn(rows, width).half(), torch.randn(rank, width)
@@ -273,7 +273,7 @@ def test_fused_dropout_in_the_model_on_gpu(monkeypatch, compiled, small):
     checkpointing, and differs from a step without dropout."""
     import torch._dynamo
 
-    from lit_cats.nf4 import MAX_TOKENS
+    from lit_cats.fast.nf4 import MAX_TOKENS
 
     calls = []
     real = lora_dropout.dropout_lora_a

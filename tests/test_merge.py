@@ -8,9 +8,10 @@ from conftest import save_random_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from lit_cats.cli import main
-from lit_cats.generation import generate
-from lit_cats.inference import apply_adapter, load_base, load_for_inference
-from lit_cats.merge import merge_adapter
+from lit_cats.inference.adapters import apply_adapter, load_for_inference
+from lit_cats.inference.generation import generate
+from lit_cats.inference.merge import merge_adapter
+from lit_cats.recipe import load_base
 from lit_cats.tiny import PHI3_STOP_TOKENS, TINY_MODEL_ID
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_cats.metrics import (
+from lit_cats.inference.metrics import (
     DistinctN,
     GenerationMetrics,
     MeanAnswerLength,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lit_cats.quant import (
+from lit_cats.recipe import (
     build_bnb_config,
     build_lora_config,
     linear_module_names,

@@ -19,16 +19,13 @@ import pytest
 import torch
 from conftest import CONFIGS, tiny_fit_args
 
-from lit_cats.formatting import IGNORE_INDEX
-from lit_cats.kernels import has_cxx_compiler
-from lit_cats.losses import chunked_causal_lm_loss
+from lit_cats.data.collate import pack_examples
+from lit_cats.data.formatting import IGNORE_INDEX
+from lit_cats.data.sampling import TokenBudgetBatchSampler
+from lit_cats.fast.attention import VARLEN_ATTENTION, varlen_attention_forward
+from lit_cats.fast.chunked_loss import chunked_causal_lm_loss
+from lit_cats.fast.compile import has_cxx_compiler
 from lit_cats.model import QLoRAModule
-from lit_cats.packing import (
-    VARLEN_ATTENTION,
-    TokenBudgetBatchSampler,
-    pack_examples,
-    varlen_attention_forward,
-)
 from lit_cats.tiny import TINY_MODEL_ID, tiny_model_path
 
 #: torch.compile's CPU code is C++: without a compiler, model.compile refuses with the fix, and
@@ -50,7 +47,7 @@ def _examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
 
 
 def _padded(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    from lit_cats.data import collate
+    from lit_cats.data.collate import collate
 
     return collate(examples, pad_id=0)
 
@@ -158,7 +155,7 @@ def test_varlen_attention_keeps_examples_apart():
 
 def test_equal_length_packs_attend_as_one_batch(monkeypatch):
     """A row of equal-length examples takes the batched path, with the per-example result."""
-    from lit_cats import packing
+    from lit_cats.fast import attention as packing
 
     calls = []
     batched = packing._equal_length_attention
@@ -189,7 +186,7 @@ def test_equal_length_packs_attend_as_one_batch(monkeypatch):
 @pytest.mark.gpu
 def test_equal_length_packs_use_cudnn_and_match_flash_varlen_on_gpu():
     """Hopper: the batched path is cuDNN's fused attention; it matches varlen FlashAttention-2."""
-    from lit_cats import packing
+    from lit_cats.fast import attention as packing
 
     packing.register_varlen_attention()
     if torch.cuda.get_device_capability()[0] != 9:
@@ -219,7 +216,7 @@ def test_equal_length_packs_use_cudnn_and_match_flash_varlen_on_gpu():
 
 
 def test_segmented_attention_op_has_sdpa_gradients():
-    from lit_cats.packing import _segmented_sdpa, segmented_causal_attention
+    from lit_cats.fast.attention import _segmented_sdpa, segmented_causal_attention
 
     torch.manual_seed(0)
     cu = torch.tensor([0, 4, 11, 16], dtype=torch.int32)
@@ -240,8 +237,8 @@ def test_segmented_attention_op_has_sdpa_gradients():
 # remainder (64), with a 32-wide remainder (96, Phi-3's) and with a masked one (24 = 16 + 8 of 16).
 _PACKED_ATTENTION_CHECK = """
 import torch
-from lit_cats import packed_attention as pa
-from lit_cats.packing import _segmented_sdpa
+from lit_cats.fast import packed_attention as pa
+from lit_cats.fast.attention import _segmented_sdpa
 torch.manual_seed(0)
 lengths = [1, 70, 5, 130, 64]
 cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
@@ -280,7 +277,7 @@ def test_packed_attention_kernels_equal_sdpa_in_tritons_interpreter():
 def test_packed_attention_kernels_on_gpu(monkeypatch):
     """Phi-3's shape (32 heads of 96), bf16: the Triton kernels are as close to an fp32
     reference as varlen FlashAttention-2 is, and Hopper GPUs take them for unequal examples."""
-    from lit_cats import packed_attention, packing
+    from lit_cats.fast import packed_attention, packing
 
     packing.register_varlen_attention()
     torch.manual_seed(0)
@@ -530,7 +527,7 @@ def test_compiled_layers_are_checkpointed_around_their_compiled_call(monkeypatch
     a layer is kept for the backward."""
     import torch._dynamo
 
-    import lit_cats.kernels as kernels
+    import lit_cats.fast.compile as kernels
 
     compiling = []
     real_checkpoint = kernels.checkpoint
@@ -603,7 +600,7 @@ def _quantized_weight(nested: bool, device: str, rows: int = 96, cols: int = 200
 def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(nested, device="cpu"):
     from bitsandbytes.functional import dequantize_4bit
 
-    from lit_cats.nf4 import dequantize_nf4
+    from lit_cats.fast.nf4 import dequantize_nf4
 
     (packed, *quantized, shape, blocksize), state = _quantized_weight(nested, device)
     got = dequantize_nf4(packed, *quantized, state.code, shape, blocksize, torch.bfloat16)
@@ -627,7 +624,7 @@ def run_in_tritons_interpreter(code: str) -> subprocess.CompletedProcess:
 _DEQUANTIZE_CHECK = """
 import torch
 from bitsandbytes.functional import quantize_4bit
-from lit_cats import nf4
+from lit_cats.fast import nf4
 for nested in (True, False):
     weight = torch.randn(96, 200, generator=torch.Generator().manual_seed(1)).bfloat16()
     packed, state = quantize_4bit(
@@ -656,7 +653,7 @@ def test_dequantization_kernel_is_bitsandbytes_bit_for_bit_on_gpu(nested):
     """On CUDA, large steps dequantize with one Triton kernel: bitsandbytes' bf16 weights."""
     from bitsandbytes.functional import dequantize_4bit
 
-    from lit_cats import nf4
+    from lit_cats.fast import nf4
 
     for rows, cols in ((96, 200), (3072, 8192)):
         weight, state = _quantized_weight(nested, "cuda", rows, cols)
@@ -670,7 +667,7 @@ def test_dequantization_kernel_is_bitsandbytes_bit_for_bit_on_gpu(nested):
 def test_compiled_4bit_layer_has_no_bitsandbytes_call_and_the_same_gradients():
     """In compiled code the NF4 matmul of a small step is torch ops (no Python dispatch through
     bitsandbytes); large steps and eager calls keep bitsandbytes' own forward."""
-    from lit_cats.nf4 import MAX_TOKENS, trace_nf4_layers
+    from lit_cats.fast.nf4 import MAX_TOKENS, trace_nf4_layers
 
     module = _module(gradient_checkpointing=False)
     layer = module.model.get_base_model().model.layers[0].mlp.down_proj.base_layer
@@ -725,8 +722,8 @@ def test_4bit_lora_op_is_bitsandbytes_matmul_plus_the_update(monkeypatch, keep_w
     instead of dequantizing again."""
     from bitsandbytes import functional as bnb_functional
 
-    from lit_cats import nf4
-    from lit_cats.nf4 import linear_4bit_lora
+    from lit_cats.fast import nf4
+    from lit_cats.fast.nf4 import linear_4bit_lora
 
     base, args = _lora_op_inputs()
     args = (*args[:-1], keep_weight)
@@ -772,7 +769,7 @@ def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces(keep_weight):
 def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces_on_gpu(keep_weight):
     """The same on CUDA, where the dropout runs as Triton kernels and the base weight is
     dequantized by the Triton kernel (3,001 rows: a partial last tile)."""
-    from lit_cats import lora_dropout
+    from lit_cats.fast import lora_dropout
 
     (*quantized, shape, blocksize), _ = _quantized_weight(True, "cuda", rows=384, cols=256)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -785,8 +782,8 @@ def test_dropout_4bit_lora_op_is_the_two_ops_it_replaces_on_gpu(keep_weight):
 
 
 def _check_dropout_lora_op(x, a, b, weight, scaling=2.0) -> None:
-    from lit_cats.lora_dropout import dropout_lora_a
-    from lit_cats.nf4 import (
+    from lit_cats.fast.lora_dropout import dropout_lora_a
+    from lit_cats.fast.nf4 import (
         dropout_linear_4bit_lora,
         dropout_linear_4bit_lora_backward,
         linear_4bit_lora,
@@ -820,7 +817,7 @@ def test_4bit_lora_op_of_a_layer_output_is_skipped_only_when_recomputed():
     """A layer's last projection (nf4.mark_layer_output) does its matmul in the forward and
     returns NaNs without it inside nf4.recomputing(); other layers always compute, and so does
     a layer output whose dequantized weight is kept for the backward."""
-    from lit_cats.nf4 import linear_4bit_lora, recomputing
+    from lit_cats.fast.nf4 import linear_4bit_lora, recomputing
 
     _, args = _lora_op_inputs()
     last, skipped = (*args[:-2], True, False), []
@@ -839,7 +836,7 @@ def test_4bit_lora_op_of_a_layer_output_is_skipped_only_when_recomputed():
 def _count_4bit_matmuls(fn) -> tuple[int, int]:
     """How many forward 4-bit matmuls of the LoRA op ``fn()`` runs: outside and inside a
     backward pass (checkpointing's rerun)."""
-    from lit_cats import nf4
+    from lit_cats.fast import nf4
 
     real, in_backward = nf4._add_4bit_matmul, []
 
@@ -865,7 +862,7 @@ def test_compiled_large_steps_add_lora_in_place_and_match_eager():
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
-    from lit_cats.nf4 import MAX_TOKENS
+    from lit_cats.fast.nf4 import MAX_TOKENS
 
     torch._dynamo.reset()
     settings = {"loss_chunk_size": 512, "fast_lora": True, "upcast_to_fp32": False}
@@ -929,7 +926,7 @@ def test_kept_dequantized_weights_spare_the_backward_its_dequantization():
     and gradients."""
     import torch._dynamo
 
-    from lit_cats.nf4 import MAX_TOKENS
+    from lit_cats.fast.nf4 import MAX_TOKENS
 
     torch._dynamo.reset()
     batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
@@ -950,7 +947,7 @@ def test_kept_dequantized_weights_on_gpu():
     those of the step that dequantizes again."""
     import torch._dynamo
 
-    from lit_cats.nf4 import MAX_TOKENS
+    from lit_cats.fast.nf4 import MAX_TOKENS
 
     torch._dynamo.reset()
     batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
@@ -979,7 +976,7 @@ def test_compiled_large_steps_match_peft_on_gpu():
     """Above nf4.MAX_TOKENS on CUDA: flash varlen and the in-place LoRA op inside the graph."""
     import torch._dynamo
 
-    from lit_cats.nf4 import MAX_TOKENS
+    from lit_cats.fast.nf4 import MAX_TOKENS
 
     torch._dynamo.reset()
     batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
@@ -1031,7 +1028,7 @@ def test_uncheckpointed_layers_refuse_what_they_cannot_mean():
     module = QLoRAModule(TINY_MODEL_ID, uncheckpointed_layers=99)
     with pytest.raises(ValueError, match=r"has \d+ decoder layers: set it to at most \d+"):
         module.configure_model()
-    from lit_cats.kernels import keep_activations
+    from lit_cats.fast.compile import keep_activations
 
     with pytest.raises(ValueError, match="found none in Linear; set it to 0"):
         keep_activations(torch.nn.Linear(2, 2), 1)
@@ -1042,7 +1039,7 @@ def test_uncheckpointed_layers_in_compiled_layers(monkeypatch):
     """Compiled, checkpointing goes around each compiled call but the last N layers'."""
     import torch._dynamo
 
-    import lit_cats.kernels as kernels
+    import lit_cats.fast.compile as kernels
 
     calls = []
     real_checkpoint = kernels.checkpoint

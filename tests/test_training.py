@@ -14,9 +14,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
-from lit_cats.data import CatsDataModule
+from lit_cats.data.datamodule import CatsDataModule
 from lit_cats.model import QLoRAModule
-from lit_cats.quant import build_bnb_config, keep_cpu_4bit_weights_trainable
+from lit_cats.recipe import build_bnb_config, keep_cpu_4bit_weights_trainable
 from lit_cats.tiny import TINY_MODEL_ID
 
 

@@ -11,8 +11,8 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_cats.metrics import CAT_WORDS, EXISTENTIAL_WORDS, compute_generation_metrics
-from lit_cats.prompts import prompt_text
+from lit_cats.data.prompts import prompt_text
+from lit_cats.inference.metrics import CAT_WORDS, EXISTENTIAL_WORDS, compute_generation_metrics
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_cats.generation import GenerationResult, GenerationSettings, generate
-from lit_cats.metrics import CAT_WORDS, EXISTENTIAL_WORDS, compute_generation_metrics
-from lit_cats.prompts import Prompt, check_prompt, prompt_text
+from lit_cats.data.prompts import Prompt, check_prompt, prompt_text
+from lit_cats.inference.generation import GenerationResult, GenerationSettings, generate
+from lit_cats.inference.metrics import CAT_WORDS, EXISTENTIAL_WORDS, compute_generation_metrics
 
 #: Asked at every validation unless the config says otherwise.
 DEFAULT_PROMPTS = (
@@ -97,8 +98,10 @@ class GenerationSamples(L.Callback):
             return
         self._last_step = step
         model, tokenizer = pl_module.model, pl_module.get_tokenizer()
-        # The precision plugin's autocast: the training model keeps fp32 norms and adapters.
-        with trainer.precision_plugin.forward_context():
+        # The precision plugin's autocast (the training model keeps fp32 norms and adapters),
+        # and the module's evaluation setting (e.g. compiled training layers run eagerly).
+        evaluation = getattr(pl_module, "evaluation", contextlib.nullcontext)
+        with trainer.precision_plugin.forward_context(), evaluation():
             results = generate(
                 model, tokenizer, self.prompts, self.settings, batch_size=len(self.prompts)
             )

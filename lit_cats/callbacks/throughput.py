@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lit_cats.formatting import label_token_count
+from lit_cats.loss import label_token_count
 
 
 class TokenThroughput(L.Callback):

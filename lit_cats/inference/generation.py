@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lit_cats.kernels import eager_layers
-from lit_cats.prompts import Prompt, check_prompt
+from lit_cats.data.prompts import Prompt, check_prompt
 
 
 @dataclass
@@ -178,8 +177,7 @@ def generate(
     # Batch prompts of similar length together: less padding, fewer wasted positions.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[GenerationResult | None] = [None] * len(encoded)
-    # eager_layers: layers compiled for training (model.compile) decode as plain code.
-    with _eval_mode(model), _seeded(s.seed, _device(model)), eager_layers():
+    with _eval_mode(model), _seeded(s.seed, _device(model)):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             new_tokens = _generate_batch(model, [encoded[i] for i in rows], config)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.data.formatting import IGNORE_INDEX
 
 
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""Resolving model names and paths, loading tokenizers, and turning Hub failures into advice."""
+"""Where things are: local paths vs Hub ids, an experiment's run folders, Hub failures as advice."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-from lit_cats.tiny import TINY_MODEL_ID, resolve_model_path
 
 
 def looks_like_path(name: str) -> bool:
@@ -35,23 +31,6 @@ def newest_match(root: str | Path, pattern: str) -> Path | None:
     return max(Path(root).glob(pattern), key=lambda p: p.stat().st_mtime, default=None)
 
 
-def resolve_pretrained(name_or_path: str) -> str:
-    """Resolve the reserved tiny model, and reject local paths that do not exist.
-
-    Raises:
-        FileNotFoundError: For a path-like name with nothing at that path.
-    """
-    if name_or_path == TINY_MODEL_ID:
-        return resolve_model_path(name_or_path)
-    if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(
-            f"Model path {name_or_path!r} does not exist. Pass an existing folder saved with "
-            f"save_pretrained, a Hub id such as 'microsoft/Phi-3-mini-4k-instruct', or "
-            f"{TINY_MODEL_ID!r} for the offline tiny model."
-        )
-    return str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path
-
-
 @contextlib.contextmanager
 def hub_errors(kind: str, name: str, local_hint: str) -> Iterator[None]:
     """Re-raise connection failures while fetching ``name`` with what to do instead.
@@ -71,14 +50,3 @@ def hub_errors(kind: str, name: str, local_hint: str) -> Iterator[None]:
             f"local cache ({type(exc).__name__}: {str(exc).splitlines()[0]}). Check the network "
             f"(and HF_ENDPOINT / HF_HUB_OFFLINE), or {local_hint}."
         ) from exc
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of a model, resolving the tiny model and explaining Hub failures."""
-    path = resolve_pretrained(name_or_path)
-    with hub_errors("tokenizer", name_or_path, "pass a local model folder as the model name"):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        # Standard for causal LMs; harmless because labels are masked by position, not by id.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

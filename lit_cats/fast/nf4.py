@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_cats import lora_dropout
+from lit_cats.fast import lora_dropout
 
 #: Largest step, in tokens, whose compiled 4-bit matmuls run as torch ops (see above).
 MAX_TOKENS = 2048
@@ -56,7 +56,7 @@ _state = threading.local()  # backward runs on autograd's worker thread: the fla
 @contextlib.contextmanager
 def recomputing() -> Iterator[None]:
     """Mark a checkpointed layer's second forward, the one the backward runs to rebuild its
-    activations (set by :func:`lit_cats.kernels.checkpoint_around`)."""
+    activations (set by :func:`lit_cats.fast.compile.checkpoint_around`)."""
     before = getattr(_state, "recomputing", False)
     _state.recomputing = True
     try:
@@ -412,7 +412,7 @@ def dropout_linear_4bit_lora(
     keep_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`linear_4bit_lora` of ``x`` and ``low = dropout_lora_a(x, lora_a, p, seed)``
-    (:mod:`lit_cats.lora_dropout`) as one op; returns the output, ``low`` and the kept weight
+    (:mod:`lit_cats.fast.lora_dropout`) as one op; returns the output, ``low`` and the kept weight
     (:func:`linear_4bit_lora`'s second output).
 
     One op so that its backward can sum the two gradients of ``x`` in a GEMM's epilogue: the

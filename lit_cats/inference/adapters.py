@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from lit_cats.loading import hub_errors, looks_like_path, newest_match, resolve_pretrained
-from lit_cats.quant import build_bnb_config, parse_dtype, require_bitsandbytes
+from lit_cats.locations import hub_errors, looks_like_path, newest_match
+from lit_cats.recipe import load_base, parse_dtype
 
 #: The adapter name that means "the newest adapter a fit wrote".
 LATEST = "latest"
@@ -62,51 +62,6 @@ def resolve_adapter(adapter: str, search_root: str | Path = "logs") -> str:
             f"or the run folder above it), a Hub id, or {LATEST!r}."
         )
     return adapter  # a Hub id: peft downloads it (or finds it in the cache)
-
-
-def load_base(
-    name_or_path: str,
-    load_in_4bit: bool = True,
-    dtype: str = "bfloat16",
-    bnb_4bit_quant_type: str = "nf4",
-    bnb_4bit_use_double_quant: bool = True,
-    device: str | torch.device = "cpu",
-    attn_implementation: str | None = "sdpa",
-    trust_remote_code: bool = False,
-) -> PreTrainedModel:
-    """Load a causal LM for inference, in eval mode, on ``device``.
-
-    Nothing is upcast to fp32 here (training's ``prepare_model_for_kbit_training`` does that
-    on top): norms, embeddings and the head stay in ``dtype``, the fast choice. The whole model
-    goes to ``device``: each process of a data-parallel job loads its own copy, where
-    ``device_map="auto"`` would shard one copy over every GPU and silently turn data
-    parallelism off (trl#921).
-
-    Args:
-        name_or_path: Hub id, local folder, or the reserved tiny model's name.
-        load_in_4bit: Quantize to NF4/FP4 with bitsandbytes; ``dtype`` is then the compute dtype.
-        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
-        bnb_4bit_quant_type: ``"nf4"`` or ``"fp4"`` (4-bit only).
-        bnb_4bit_use_double_quant: Quantize the scales too (4-bit only).
-        device: Where the weights go.
-        attn_implementation: transformers attention backend.
-        trust_remote_code: Run modelling code from the Hub repo (off: Phi-3 needs none).
-    """
-    kwargs: dict = {
-        "dtype": parse_dtype(dtype),
-        "attn_implementation": attn_implementation,
-        "trust_remote_code": trust_remote_code,
-        "device_map": {"": str(device)},
-    }
-    if load_in_4bit:
-        require_bitsandbytes()
-        kwargs["quantization_config"] = build_bnb_config(
-            bnb_4bit_quant_type, bnb_4bit_use_double_quant, dtype
-        )
-    hint = "pass a local folder saved with save_pretrained instead of the Hub id"
-    with hub_errors("model", name_or_path, hint):
-        model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
-    return model.eval()
 
 
 def apply_adapter(base: PreTrainedModel, adapter: str, dtype: str | None = "bfloat16") -> PeftModel:

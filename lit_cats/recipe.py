@@ -1,14 +1,24 @@
-"""Pure builders for the 4-bit base and the LoRA adapters, and the checks around them."""
+"""The QLoRA recipe: 4-bit and LoRA configs, the target check, base and tokenizer loading."""
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from torch import nn
-from transformers import BitsAndBytesConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lit_cats.locations import hub_errors, looks_like_path
+from lit_cats.tiny import TINY_MODEL_ID, resolve_model_path
 
 #: Modules that never get an adapter: the output head (peft's ``all-linear`` skips it too).
 _EXCLUDED_LINEARS = ("lm_head",)
@@ -130,3 +140,77 @@ def build_lora_config(
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+# ------------------------------------------------------------------------------ loading
+def resolve_pretrained(name_or_path: str) -> str:
+    """Resolve the reserved tiny model, and reject local paths that do not exist.
+
+    Raises:
+        FileNotFoundError: For a path-like name with nothing at that path.
+    """
+    if name_or_path == TINY_MODEL_ID:
+        return resolve_model_path(name_or_path)
+    if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"Model path {name_or_path!r} does not exist. Pass an existing folder saved with "
+            f"save_pretrained, a Hub id such as 'microsoft/Phi-3-mini-4k-instruct', or "
+            f"{TINY_MODEL_ID!r} for the offline tiny model."
+        )
+    return str(Path(name_or_path).expanduser()) if looks_like_path(name_or_path) else name_or_path
+
+
+def load_base(
+    name_or_path: str,
+    load_in_4bit: bool = True,
+    dtype: str = "bfloat16",
+    bnb_4bit_quant_type: str = "nf4",
+    bnb_4bit_use_double_quant: bool = True,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM for inference, in eval mode, on ``device``.
+
+    Nothing is upcast to fp32 here (training's ``prepare_model_for_kbit_training`` does that
+    on top): norms, embeddings and the head stay in ``dtype``, the fast choice. The whole model
+    goes to ``device``: each process of a data-parallel job loads its own copy, where
+    ``device_map="auto"`` would shard one copy over every GPU and silently turn data
+    parallelism off (trl#921).
+
+    Args:
+        name_or_path: Hub id, local folder, or the reserved tiny model's name.
+        load_in_4bit: Quantize to NF4/FP4 with bitsandbytes; ``dtype`` is then the compute dtype.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        bnb_4bit_quant_type: ``"nf4"`` or ``"fp4"`` (4-bit only).
+        bnb_4bit_use_double_quant: Quantize the scales too (4-bit only).
+        device: Where the weights go.
+        attn_implementation: transformers attention backend.
+        trust_remote_code: Run modelling code from the Hub repo (off: Phi-3 needs none).
+    """
+    kwargs: dict = {
+        "dtype": parse_dtype(dtype),
+        "attn_implementation": attn_implementation,
+        "trust_remote_code": trust_remote_code,
+        "device_map": {"": str(device)},
+    }
+    if load_in_4bit:
+        require_bitsandbytes()
+        kwargs["quantization_config"] = build_bnb_config(
+            bnb_4bit_quant_type, bnb_4bit_use_double_quant, dtype
+        )
+    hint = "pass a local folder saved with save_pretrained instead of the Hub id"
+    with hub_errors("model", name_or_path, hint):
+        model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model, resolving the tiny model and explaining Hub failures."""
+    path = resolve_pretrained(name_or_path)
+    with hub_errors("tokenizer", name_or_path, "pass a local model folder as the model name"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Standard for causal LMs; harmless because labels are masked by position, not by id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -22,7 +22,7 @@ the rerun does not even draw again: it reuses the forward's outputs
 (:func:`checkpoint_contexts`, 2 MB per Phi-3 layer at 16k tokens).
 
 Measured on an H100, side by side in one process (benchmarks/RESULTS.md, round 5), together
-with the base-GEMM-last LoRA update of :func:`lit_cats.nf4.linear_4bit_lora`: checkpointed
+with the base-GEMM-last LoRA update of :func:`lit_cats.fast.nf4.linear_4bit_lora`: checkpointed
 16k-token steps of short texts 19,205-19,424 -> 20,768-21,210 tokens/s, 1,024-token texts
 18,209 -> 20,149, without checkpointing 27,386 -> 29,124 (peak 63.1 -> 51.6 GiB).
 
@@ -202,7 +202,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def applies(x: torch.Tensor, lora_a: torch.Tensor) -> bool:
-    """Where the op replaces peft's dropout and ``lora_A`` (:mod:`lit_cats.lora_fast`): where
+    """Where the op replaces peft's dropout and ``lora_A`` (:mod:`lit_cats.fast.lora`): where
     its Triton kernels run."""
     return _kernels_run(x, lora_a)
 

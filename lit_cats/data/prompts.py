@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
-from lit_cats.formatting import CHAT_ROLES, is_chat
+from lit_cats.data.formatting import CHAT_ROLES, is_chat
 
 #: A user message, or a chat whose assistant answer is to be generated.
 Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007 (jsonargparse reads this alias)

@@ -10,19 +10,19 @@ first copy the whole output, 43 ms of a 16k-token step on an H100).
 
 Inside a ``torch.compile``d layer, where in-place updates of graph intermediates become copies:
 on large steps over a 4-bit base, the base matmul and the update are one custom op
-(:func:`lit_cats.nf4.linear_4bit_lora`), so there is nothing to copy (H100, one process: 16k-token
+(:func:`lit_cats.fast.nf4.linear_4bit_lora`), so there is nothing to copy (H100, one process: 16k-token
 steps without checkpointing 26,671 -> 27,660 tokens/s). Elsewhere (small steps, other bases) it
 is the out-of-place ``addmm``, chosen over ``result + scaling * (h @ B.T)`` (which Inductor folds
 into the next elementwise kernel) before that op existed: the same speed on 16k-token steps and
 0.11 GiB less peak memory at 4,096 tokens, as no update tensor lives beside the output.
 
 On CUDA, in training, ``lora_A(dropout(x))`` is one op whose dropout mask is drawn inside the
-matmul and never stored (:mod:`lit_cats.lora_dropout`): the same dropout in distribution (the
+matmul and never stored (:mod:`lit_cats.fast.lora_dropout`): the same dropout in distribution (the
 same rate, unbiased, independent per element), a different random stream from torch's. Inside
 compiled layers on large steps, that op and the 4-bit one are a single op
-(:func:`lit_cats.nf4.dropout_linear_4bit_lora`), so that the backward sums the two gradients
+(:func:`lit_cats.fast.nf4.dropout_linear_4bit_lora`), so that the backward sums the two gradients
 of ``x`` in the base GEMM's epilogue rather than in a separate pass. Compiled steps of at most
-:data:`lit_cats.nf4.MAX_TOKENS` tokens keep the compiler's own dropout instead: they are
+:data:`lit_cats.fast.nf4.MAX_TOKENS` tokens keep the compiler's own dropout instead: they are
 host-bound, and the op's dispatch costs more there than it saves (H100, batch 2 of short texts,
 one process: 0.32-0.34 -> 0.24-0.26 s/step; benchmarks/RESULTS.md, round 8).
 
@@ -41,10 +41,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from lit_cats import lora_dropout
-from lit_cats.nf4 import fused_dropout_lora_linear, fused_lora_linear, small_step
+from lit_cats.fast import lora_dropout
+from lit_cats.fast.nf4 import fused_dropout_lora_linear, fused_lora_linear, small_step
 
-#: Whether compiled steps of at most :data:`lit_cats.nf4.MAX_TOKENS` tokens take the seeded
+#: Whether compiled steps of at most :data:`lit_cats.fast.nf4.MAX_TOKENS` tokens take the seeded
 #: dropout op too. They are host-bound, and there the op's dispatch (a custom op per LoRA layer,
 #: forward and backward) costs more than the compiler's own fused dropout and matmul.
 SEEDED_DROPOUT_ON_SMALL_COMPILED_STEPS = False
@@ -97,7 +97,7 @@ def _seeded_dropout(
     dropout: nn.Module, x: torch.Tensor, lora_a: torch.Tensor
 ) -> tuple[torch.Tensor, float, torch.Tensor] | None:
     """For ``lora_A(dropout(x))`` as one op whose mask is drawn from a seed and never stored
-    (:mod:`lit_cats.lora_dropout`): ``x`` in the autocast dtype, the rate, and a fresh seed.
+    (:mod:`lit_cats.fast.lora_dropout`): ``x`` in the autocast dtype, the rate, and a fresh seed.
     Training with dropout under autocast, on CUDA with Triton; None elsewhere (the caller runs
     peft's dropout and ``lora_A``)."""
     device = x.device.type

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lit_cats import lora_dropout
-from lit_cats.nf4 import mark_layer_output, recomputing, trace_nf4_layers
+from lit_cats.fast import lora_dropout
+from lit_cats.fast.nf4 import mark_layer_output, recomputing, trace_nf4_layers
 
 
 def apply_liger_kernels(model: nn.Module) -> None:
@@ -77,16 +77,16 @@ def compile_decoder_layers(model: nn.Module, keep_dequantized_weights: bool = Fa
     and each layer runs as a handful of launches instead of hundreds of eager ops. The varlen
     attention is a custom op inside the graph. So are bitsandbytes' 4-bit matmuls on large
     steps, with the LoRA update folded in, and, on CUDA, LoRA's dropout with the LoRA-A matmul
-    (:mod:`lit_cats.lora_dropout`); on small ones (batch 2, where the host is the
+    (:mod:`lit_cats.fast.lora_dropout`); on small ones (batch 2, where the host is the
     bottleneck) they are torch ops that compile into one dequantization kernel each
-    (:mod:`lit_cats.nf4`), and the dropout is the compiler's own (:mod:`lit_cats.lora_fast`).
+    (:mod:`lit_cats.fast.nf4`), and the dropout is the compiler's own (:mod:`lit_cats.fast.lora`).
     The first steps pay the compilation (about a minute); shapes that vary from step to step
     (packed rows, padded batches) are compiled once more, as dynamic shapes, and a run that
     meets both small and large steps compiles each once. With checkpointing, each layer's rerun
     in the backward skips Phi-3's MLP ``down_proj`` on large steps and reuses the forward's
     LoRA-A outputs (:func:`checkpoint_around`). With ``keep_dequantized_weights``, large steps
     keep each 4-bit weight's 16-bit copy from the forward for the backward
-    (:func:`lit_cats.nf4.trace_nf4_layers`).
+    (:func:`lit_cats.fast.nf4.trace_nf4_layers`).
 
     Raises:
         ValueError: If no decoder layers are found, or on a CPU without a C++ compiler.
@@ -106,7 +106,7 @@ def compile_decoder_layers(model: nn.Module, keep_dequantized_weights: bool = Fa
     _refuse_liger_rope(model)
     phi3 = _is_phi3(model)
     for layer in layers:
-        # the 4-bit matmuls as torch ops in the graph (lit_cats.nf4)
+        # the 4-bit matmuls as torch ops in the graph (lit_cats.fast.nf4)
         trace_nf4_layers(layer, keep_dequantized=keep_dequantized_weights)
         if phi3:  # residual + dropout(mlp.down_proj(...)): not run again when recomputed
             down = layer.mlp.down_proj
@@ -127,8 +127,8 @@ def checkpoint_around(layer: nn.Module) -> bool:
     invalid, but is output", H200, benchmarks/RESULTS.md; torch 2.13 on the CPU compiles it).
     Around, as measured throughout RESULTS.md, works on every version here.
 
-    The backward's rerun of the layer happens inside :func:`lit_cats.nf4.recomputing`, so the
-    matmuls whose output the backward never reads (:func:`lit_cats.nf4.mark_layer_output`) are
+    The backward's rerun of the layer happens inside :func:`lit_cats.fast.nf4.recomputing`, so the
+    matmuls whose output the backward never reads (:func:`lit_cats.fast.nf4.mark_layer_output`) are
     skipped on large steps.
     """
     if not getattr(layer, "gradient_checkpointing", False):
@@ -147,7 +147,7 @@ def _checkpointed_call(layer: nn.Module, compiled: Callable, *args: Any, **kwarg
 
 def _rerun_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """checkpoint's contexts for one call: the forward keeps the LoRA-A outputs of the fused
-    dropout op; the backward's rerun reuses them (:func:`lit_cats.lora_dropout.checkpoint_contexts`)
+    dropout op; the backward's rerun reuses them (:func:`lit_cats.fast.lora_dropout.checkpoint_contexts`)
     and runs inside :func:`recomputing`."""
     keep, reuse = lora_dropout.checkpoint_contexts()
     return keep, _rerun(reuse)

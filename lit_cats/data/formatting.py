@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 Format = Literal["auto", "text", "messages", "prompt_response"]
@@ -22,14 +21,6 @@ IGNORE_INDEX = -100
 
 #: Roles a chat message may have (Phi-3's template renders exactly these).
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-def label_token_count(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens that carry a loss, on the labels' device (no host sync).
-
-    The model shifts labels left by one, so column 0 never carries a loss.
-    """
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def format_columns(

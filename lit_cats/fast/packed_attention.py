@@ -19,7 +19,7 @@ These kernels are sized for short examples instead (``benchmarks/RESULTS.md``, r
 
 The op returns the output and the log-sum-exp (fp32, ``(tokens, heads)``, natural log) the
 backward needs. It runs where Triton runs (CUDA; the tests also run it on the CPU in Triton's
-interpreter); :mod:`lit_cats.packing` chooses it for packed rows on GPUs where it was measured
+interpreter); :mod:`lit_cats.fast.attention` chooses it for packed rows on GPUs where it was measured
 faster than FlashAttention-2 (Hopper).
 """
 

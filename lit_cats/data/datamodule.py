@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Sampler
 
 from lit_cats.assets import SHIPPED_DATASET, SHIPPED_DATASET_ID
-from lit_cats.batching import LengthGroupedSampler, ResumableDataLoader, collate
-from lit_cats.distributed import data_parallel_size, shard_eval_sampler, shard_train_sampler
-from lit_cats.formatting import (
+from lit_cats.data.collate import collate, pack_examples
+from lit_cats.data.formatting import (
     IGNORE_INDEX,
     Format,
     detect_format,
@@ -25,9 +25,18 @@ from lit_cats.formatting import (
     tokenize_text,
     validate_column,
 )
-from lit_cats.loading import hub_errors, load_tokenizer, looks_like_path
-from lit_cats.packing import TokenBudgetBatchSampler, pack_examples
-from lit_cats.prompts import Prompt, load_prompts
+from lit_cats.data.prompts import Prompt, load_prompts
+from lit_cats.data.sampling import (
+    LengthGroupedSampler,
+    ResumableDataLoader,
+    TokenBudgetBatchSampler,
+    data_parallel_size,
+    shard_eval_sampler,
+    shard_train_sampler,
+    uses_distributed_sampler,
+)
+from lit_cats.locations import hub_errors, looks_like_path
+from lit_cats.recipe import load_tokenizer
 
 #: File suffix -> datasets builder name.
 _BUILDERS = {
@@ -114,13 +123,13 @@ class CatsDataModule(L.LightningDataModule):
         pad_to_multiple_of: Round each batch's width up to this (8 suits tensor cores).
         num_workers: DataLoader worker processes.
         trust_remote_code: Let the tokenizer run code from its Hub repo. Off: Phi-3 needs none.
-        packing: Train on padding-free packed rows (``lit_cats.packing``): each step takes whole
-            examples up to ``max_tokens_per_batch`` tokens instead of ``batch_size`` examples;
+        packing: Train on padding-free packed rows: each step takes whole examples
+            up to ``max_tokens_per_batch`` tokens instead of ``batch_size`` examples;
             position ids restart per example and attention stays inside each example.
             Validation batches stay padded.
         max_tokens_per_batch: Token budget of one packed training step (with ``packing``).
         pin_memory: Page-lock batches so the copy to the GPU does not stall the host.
-        prompts: Prompts ``predict`` answers: user messages or chats (``lit_cats.prompts``).
+        prompts: Prompts ``predict`` answers: user messages or chats (``lit_cats.data.prompts``).
         prompts_file: More prompts: a ``.txt`` file (one per line) or a ``.jsonl`` file of
             ``{"prompt": ...}`` or ``{"messages": [...]}`` objects.
         predict_batch_size: Prompts generated together by ``predict`` (left-padded).
@@ -191,6 +200,28 @@ class CatsDataModule(L.LightningDataModule):
             self.train_dataset, self.val_dataset = split["train"], split["test"]
         else:
             self.train_dataset, self.val_dataset = tokenized, None
+        if stage == "fit":
+            rank_zero_info(self._start_report())
+
+    def _start_report(self) -> str:
+        lines = [f"  effective batch size: {self._effective_batch_size()}"]
+        if len(self.train_dataset):
+            lines += ["  first training example:", self.describe_example(0)]
+        return "\n".join(lines)
+
+    def _effective_batch_size(self) -> str:
+        trainer = self.trainer
+        if self.hparams.packing:
+            return f"up to {self.hparams.max_tokens_per_batch:,} tokens per device (packing)"
+        factors = {"per device": self.hparams.batch_size}
+        if trainer is not None:
+            factors |= {
+                "devices": trainer.num_devices,
+                "nodes": trainer.num_nodes,
+                "accumulation": trainer.accumulate_grad_batches,
+            }
+        total = math.prod(factors.values())
+        return f"{total} = " + " x ".join(f"{v} {k}" for k, v in factors.items())
 
     def _tokenize(self, raw: datasets.Dataset) -> datasets.Dataset:
         hp = self.hparams
@@ -259,10 +290,10 @@ class CatsDataModule(L.LightningDataModule):
         )
 
     def _packed_loader(self, ds: datasets.Dataset) -> DataLoader:
-        """Token-budget batches packed into one padding-free row (``lit_cats.packing``)."""
+        """Token-budget batches packed into one padding-free row (``lit_cats.fast.attention``)."""
         hp, trainer = self.hparams, self.trainer
         ranks = data_parallel_size(trainer)
-        if ranks > 1 and trainer._accelerator_connector.use_distributed_sampler:
+        if ranks > 1 and uses_distributed_sampler(trainer):
             raise ValueError(
                 "data.packing shards its token-budget batches by rank itself; set "
                 "--trainer.use_distributed_sampler false so Lightning does not replace it."

@@ -8,7 +8,7 @@ step into one row of up to ``max_tokens`` tokens, with no padding at all:
   as they would alone;
 - attention stays inside each example, over the cumulative sequence lengths ``cu_seq_lens``:
   on Hopper GPUs with Triton kernels sized for short examples
-  (:mod:`lit_cats.packed_attention`: 1.4x FlashAttention-2's speed, forward and backward, at
+  (:mod:`lit_cats.fast.packed_attention`: 1.4x FlashAttention-2's speed, forward and backward, at
   32-256 tokens on an H100), on other GPUs with variable-length FlashAttention-2
   (``torch.nn.attention.varlen``), elsewhere with one causal SDPA call per example (tests, CPU: a
   custom op, so ``torch.compile``d layers keep it whole).
@@ -28,134 +28,18 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Sampler
 from transformers import AttentionInterface
 
-from lit_cats import packed_attention
-from lit_cats.formatting import IGNORE_INDEX
+from lit_cats.fast import packed_attention
 
 #: Name under which the packed attention is registered in transformers' ``AttentionInterface``.
 VARLEN_ATTENTION = "lit_cats_varlen"
 
-#: Keys a packed batch carries besides ``input_ids``/``labels``/``position_ids``; transformers
-#: forwards them to the attention function (its ``FlashAttentionKwargs``).
-PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def pack_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate tokenized examples into one padding-free row.
-
-    Args:
-        batch: Examples with ``input_ids`` and ``labels`` lists of equal length.
-
-    Returns:
-        ``input_ids``, ``labels`` and ``position_ids`` of shape ``(1, total)``; int32
-        ``cu_seq_lens_q``/``cu_seq_lens_k`` of shape ``(n + 1,)`` (example boundaries) and the
-        longest example's length as ``max_length_q``/``max_length_k`` (Python ints, so the
-        attention kernel needs no host sync to learn them).
-    """
-    lengths = [len(ex["input_ids"]) for ex in batch]
-    ids = torch.cat([torch.as_tensor(ex["input_ids"], dtype=torch.long) for ex in batch])
-    labels = torch.cat([torch.as_tensor(ex["labels"], dtype=torch.long) for ex in batch])
-    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
-    # Example i's first token is predicted from example i-1's last one after the model's shift.
-    labels[starts] = IGNORE_INDEX
-    position_ids = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    longest = max(lengths)
-    return {
-        "input_ids": ids.unsqueeze(0),
-        "labels": labels.unsqueeze(0),
-        "position_ids": position_ids.unsqueeze(0),
-        "cu_seq_lens_q": cu,
-        "cu_seq_lens_k": cu.clone(),
-        "max_length_q": longest,
-        "max_length_k": longest,
-    }
-
-
-def is_packed(batch: dict[str, Any]) -> bool:
-    """Whether ``batch`` came from :func:`pack_examples`."""
-    return "cu_seq_lens_q" in batch
-
-
-class TokenBudgetBatchSampler(Sampler[list[int]]):
-    """Batches of whole examples holding at most ``max_tokens`` tokens together.
-
-    A token budget per step instead of a fixed example count: every step does about the same
-    work whatever the lengths. The order is a seeded shuffle per epoch (Lightning calls
-    :meth:`set_epoch`), filled greedily, so a resumed run sees the same batches. Under data
-    parallelism each rank takes every ``num_replicas``-th batch (and all ranks the same count).
-
-    Args:
-        lengths: Token count of every example.
-        max_tokens: Token budget of one batch; must hold the longest example.
-        seed: Seed of the shuffle.
-        shuffle: Shuffle the examples (off: dataset order).
-        num_replicas: Data-parallel world size.
-        rank: This process's rank.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        max_tokens: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        longest = max(lengths, default=0)
-        if max_tokens < longest:
-            raise ValueError(
-                f"max_tokens_per_batch={max_tokens} cannot hold the longest example "
-                f"({longest} tokens); raise it to at least max_seq_length."
-            )
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas}).")
-        self.lengths = list(lengths)
-        self.max_tokens = max_tokens
-        self.seed = seed
-        self.shuffle = shuffle
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.lengths), generator=gen).tolist()
-        else:
-            order = list(range(len(self.lengths)))
-        batches, current, used = [], [], 0
-        for i in order:
-            if current and used + self.lengths[i] > self.max_tokens:
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += self.lengths[i]
-        if current:
-            batches.append(current)
-        per_rank = len(batches) // self.num_replicas if self.num_replicas > 1 else len(batches)
-        return batches[self.rank :: self.num_replicas][:per_rank]
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
-
-
-# --------------------------------------------------------------------------------- attention
 #: What ``varlen_attn`` accepts in this torch version (``causal``: its causality keyword;
 #: ``has_scale``: whether it takes ``scale``), read once at registration (``inspect`` cannot run
 #: inside a ``torch.compile``d layer).
@@ -286,7 +170,7 @@ segmented_causal_attention.register_autograd(_backward, setup_context=_setup_con
 #: read once at registration (device queries cannot run inside a ``torch.compile``d layer).
 _CUDNN_DEVICES: dict[int, bool] = {}
 
-#: CUDA device index -> whether :mod:`lit_cats.packed_attention`'s Triton kernels serve packed
+#: CUDA device index -> whether :mod:`lit_cats.fast.packed_attention`'s Triton kernels serve packed
 #: rows of unequal examples there (Hopper: measured faster than FlashAttention-2 on an H100;
 #: elsewhere unmeasured), read once at registration.
 _TRITON_DEVICES: dict[int, bool] = {}

@@ -20,10 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lit_cats.assets import SHIPPED_DATASET_ID
-from lit_cats.data import CatsDataModule
-from lit_cats.formatting import label_token_count
-from lit_cats.inference import adapter_base_model, apply_adapter, load_base, resolve_adapter
-from lit_cats.quant import parse_dtype
+from lit_cats.data.datamodule import CatsDataModule
+from lit_cats.inference.adapters import adapter_base_model, apply_adapter, resolve_adapter
+from lit_cats.loss import label_token_count
+from lit_cats.recipe import load_base, parse_dtype
 
 Batches = list[dict[str, torch.Tensor]]
 
