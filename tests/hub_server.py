@@ -1,7 +1,7 @@
 """A small in-memory Hugging Face Hub for offline tests, served over real HTTP on 127.0.0.1.
 
-It speaks only the part of the Hub API that ``huggingface_hub`` (2.x) calls to create a repo and
-commit files with ``HfApi.create_commit``, checked against its source (``hf_api.py``,
+It speaks only the part of the Hub API that ``huggingface_hub`` (1.x and 2.x) calls to create a
+repo and commit files with ``HfApi.create_commit``, checked against its source (``hf_api.py``,
 ``_commit_api.py``, ``lfs.py``):
 
 ======  ===============================================  ==========================================
@@ -179,7 +179,9 @@ class FakeHub:
         url = f"{self.url}/{repo_id}"
         if repo_id in self.repos:  # the real Hub also sends the url with its 409
             raise HubError(409, "You already created this model repo", url=url)
-        self.repos[repo_id] = Repo(private=payload.get("visibility") == "private")
+        # huggingface_hub sends "visibility" from 1.8 on, "private" before (the Hub takes both).
+        private = payload.get("visibility") == "private" or payload.get("private") is True
+        self.repos[repo_id] = Repo(private=private)
         return {"url": url, "name": repo_id}
 
     def _repo_info(self, body: bytes, repo: str) -> dict[str, Any]:
@@ -286,7 +288,7 @@ def _upload_mode(file: dict[str, Any]) -> str:
 
 def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        # HTTP/1.1 because httpx keeps connections alive; every answer then needs Content-Length.
+        # HTTP/1.1: huggingface_hub's client keeps connections alive; answers need Content-Length.
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:

@@ -2,11 +2,14 @@
 
 Runs go through LightningCLI with a stand-in module whose ``save_adapter`` writes real files in
 PEFT layout, so the callback sees what it sees with ``QLoRAModule``: a ``config.yaml`` from
-SaveConfigCallback, ModelCheckpoint files, TensorBoard logs and ``<log_dir>/adapter``.
+SaveConfigCallback, ModelCheckpoint files, TensorBoard logs and ``<log_dir>/adapter``. The
+error-classification tests provoke real failures with ``HfApi`` (whichever HTTP client the
+installed huggingface_hub uses) and check that lit-cats retries only what a retry can fix.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import socket
@@ -19,7 +22,7 @@ import pytest
 import torch
 import yaml
 from hub_server import FakeHub
-from huggingface_hub import constants
+from huggingface_hub import HfApi, constants, errors
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from safetensors.torch import load, save_file
@@ -27,8 +30,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import lit_cats
 from lit_cats.callbacks import HubPushCallback
-from lit_cats.hub import push_run
+from lit_cats.hub import is_retryable, push_run
 
 TOKEN = "hf_litcatsTESTtoken0123456789"  # distinctive, so a leak is found by a byte search
 BASE = "microsoft/Phi-3-mini-4k-instruct"
@@ -298,6 +302,71 @@ def test_rejected_token_fails_fast_without_retries(
             fit(tmp_path, strategy="end", repo_id="cat-lover/saved")
     assert server.requests.count(("POST", "/api/repos/create")) == 1  # a 401 is not retried
     assert not server.unexpected
+
+
+def raised_by(call: Callable[[], object]) -> Exception:
+    """The exception ``call`` raises."""
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected an exception")
+
+
+def create_repo() -> object:
+    """One Hub request, with the endpoint and token that ``point_hub`` set."""
+    return HfApi().create_repo("cat-lover/void")
+
+
+def test_a_network_failure_during_push_is_retryable(point_hub: Callable[[str], None]) -> None:
+    point_hub(closed_port_url())
+    error = raised_by(create_repo)
+
+    # huggingface_hub.errors.HTTPError is its HTTP client's root error (httpx's in 1.x, httpx2's
+    # in 2.x); without an answer from the Hub it is not an HfHubHTTPError.
+    assert isinstance(error, errors.HTTPError) and not isinstance(error, errors.HfHubHTTPError)
+    assert is_retryable(error)
+    wrapped = RuntimeError("Error while uploading 'adapter_model.safetensors' to the Hub.")
+    wrapped.__cause__ = error  # how huggingface_hub reports a failed LFS upload
+    assert is_retryable(wrapped)
+
+
+@pytest.mark.parametrize(
+    ("hub_args", "status", "retryable"),
+    [({"always_fail": True}, 500, True), ({"token": "hf_another_token"}, 401, False)],
+    ids=["server error is retried", "rejected token is not"],
+)
+def test_a_hub_answer_is_retryable_by_its_status(
+    point_hub: Callable[[str], None], hub_args: dict[str, Any], status: int, retryable: bool
+) -> None:
+    with FakeHub(**{"token": TOKEN, **hub_args}) as server:
+        point_hub(server.url)
+        error = raised_by(create_repo)
+    assert isinstance(error, errors.HfHubHTTPError) and error.response.status_code == status
+    assert is_retryable(error) is retryable
+
+
+def test_offline_mode_and_local_file_errors_are_not_retried(
+    point_hub: Callable[[str], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point_hub(closed_port_url())
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    error = raised_by(create_repo)
+    assert isinstance(error, errors.OfflineModeIsEnabled)  # a ConnectionError, yet no outage
+    assert not is_retryable(error)
+    assert not is_retryable(FileNotFoundError("adapter/adapter_model.safetensors"))
+
+
+def test_lit_cats_leaves_the_http_client_to_huggingface_hub() -> None:
+    # huggingface_hub 1.x speaks httpx and 2.x httpx2: importing either would pin one major.
+    imported = set()
+    for path in Path(lit_cats.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+    assert not imported & {"httpx", "httpx2", "requests"}
 
 
 def test_dry_run_writes_exactly_what_would_be_uploaded(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -13,8 +13,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_cats.hub import (
-    ADAPTER_CONFIG,
-    ADAPTER_DIRNAME,
     CARD_FILENAME,
     CHECKPOINT_FILENAME,
     CONFIG_FILENAME,
@@ -28,6 +26,7 @@ from lit_cats.hub import (
     summarize_run,
     write_card,
 )
+from lit_cats.inference import ADAPTER_CONFIG, ADAPTER_DIRNAME
 
 Strategy = Literal["end", "every_save", "checkpoint"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -37,11 +36,12 @@ class HubPushCallback(L.Callback):
     """Push the trained LoRA adapter to the Hugging Face Hub without ever costing the run.
 
     Each push is one commit of the adapter and tokenizer (PEFT format), the resolved
-    ``config.yaml`` and a generated model card. Uploads run on a background thread; network
-    errors are retried with backoff; ``fit`` waits for them at the end (bounded by
-    ``timeout_s``) and a push that still fails only warns, naming the local adapter and the
-    ``lit-cats push`` command that uploads it later. Rank zero only. The token comes from
-    ``HF_TOKEN`` or ``hf auth login``, never from the config.
+    ``config.yaml`` and a generated model card. Uploads run in the background, one at a time
+    and in order, on huggingface_hub's worker thread (``HfApi.run_as_future``); network
+    errors, rate limits and 5xx answers are retried with backoff; ``fit`` waits for them at the
+    end (bounded by ``timeout_s``) and a push that still fails only warns, naming the local
+    adapter and the ``lit-cats push`` command that uploads it later. Rank zero only. The token
+    comes from ``HF_TOKEN`` or ``hf auth login``, never from the config.
 
     Example (``lit-cats`` exposes it as the top-level ``hub:`` section of a config; in a plain
     LightningCLI list it under ``trainer.callbacks`` with ``class_path``)::
@@ -93,8 +93,7 @@ class HubPushCallback(L.Callback):
         self.max_retries, self.retry_backoff_s = max_retries, retry_backoff_s
         self.timeout_s = timeout_s
         self.enabled = enabled
-        self._pusher: HubPusher | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._pusher: HubPusher | None = None  # set on rank zero from setup to the end of fit
         self._futures: list[Future[str]] = []
         self._run_dir = Path()
         self._save_pending = False
@@ -121,8 +120,6 @@ class HubPushCallback(L.Callback):
             self.max_retries,
             self.retry_backoff_s,
         )
-        # One worker: commits land in order and never compete with each other for bandwidth.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lit-cats-hub")
         self._futures = []
 
     def on_save_checkpoint(
@@ -130,7 +127,7 @@ class HubPushCallback(L.Callback):
     ) -> None:
         # The file is written after every on_save_checkpoint hook returns, so only note it here
         # and push from the next hook (see _push_pending_checkpoint).
-        if self._executor is not None and self.strategy != "end":
+        if self._pusher is not None and self.strategy != "end":
             self._save_pending = True
 
     def on_train_batch_start(
@@ -146,7 +143,7 @@ class HubPushCallback(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after every on_train_end hook, so the module's final adapter is on disk.
-        if self._executor is None:
+        if self._pusher is None:
             return
         try:
             final = self._submit_final(trainer, pl_module)
@@ -158,12 +155,12 @@ class HubPushCallback(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if self._executor is not None:
+        if self._pusher is not None:
             self._finish(None)
 
     # ------------------------------------------------------------------------------ pushes
     def _push_pending_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._save_pending or self._executor is None:
+        if not self._save_pending or self._pusher is None:
             return
         self._save_pending = False
         try:
@@ -231,22 +228,18 @@ class HubPushCallback(L.Callback):
         message: str,
         staging: Path | None,
     ) -> Future[str]:
-        assert self._executor is not None and self._pusher is not None
-        pusher = self._pusher
+        assert self._pusher is not None
 
         def build_plan(repo_id: str) -> UploadPlan:
             return {**plan, CARD_FILENAME: write_card(card_path, repo_id, summary)}
 
-        def job() -> str:
-            try:
-                return pusher.push(build_plan, message)
-            finally:
-                if staging is not None:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    with contextlib.suppress(OSError):  # the last one out removes the parent
-                        staging.parent.rmdir()
+        def remove_staging() -> None:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the last one out removes the parent
+                    staging.parent.rmdir()
 
-        future = self._executor.submit(job)
+        future = self._pusher.push_in_background(build_plan, message, remove_staging)
         self._futures.append(future)
         return future
 
@@ -267,14 +260,14 @@ class HubPushCallback(L.Callback):
 
     # ------------------------------------------------------------------------------ outcome
     def _finish(self, final: Future[str] | None) -> None:
-        """Wait (bounded) for the uploads, report the outcome, stop the worker."""
-        assert self._executor is not None
-        done, _ = wait(self._futures, timeout=self.timeout_s)
+        """Wait (bounded) for the uploads, report the outcome, stop pushing."""
+        done, pending = wait(self._futures, timeout=self.timeout_s)
         # Queued pushes are dropped; a running one cannot be interrupted and finishes (or
         # fails) before the process exits.
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = None
-        failed = [f for f in done if f is not final and f.exception() is not None]
+        for future in pending:
+            future.cancel()
+        checkpoints = [f for f in self._futures if f in done and f is not final]  # in push order
+        failed = [f for f in checkpoints if f.exception() is not None]
         if failed:
             rank_zero_warn(
                 f"{len(failed)} checkpoint push(es) to the Hub failed, the last with "
@@ -282,6 +275,7 @@ class HubPushCallback(L.Callback):
             )
         if final is not None:
             self._report_final(final, final in done)
+        self._pusher, self._futures = None, []
 
     def _report_final(self, final: Future[str], done: bool) -> None:
         if not done:
