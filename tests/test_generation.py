@@ -1,4 +1,7 @@
-"""Generation on the tiny model: reproducibility, greedy decoding, stopping, prompts, predict."""
+"""Generation on the tiny model: reproducibility, greedy decoding, stopping, prompts, adapters.
+
+The CLI commands that generate (``predict``, the training samples) are in test_predict.py.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, save_random_adapter, tiny_fit_args
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import save_random_adapter
 from transformers import AutoModelForCausalLM
 
-from lit_cats.cli import main
 from lit_cats.data.prompts import load_prompts
 from lit_cats.inference.adapters import load_for_inference, resolve_adapter
 from lit_cats.inference.generation import encode_prompt, generate, stop_token_ids
@@ -36,13 +37,21 @@ def _tokens(results):
     return [(r.response, r.num_tokens, r.stopped) for r in results]
 
 
-def test_same_seed_same_answers_other_seed_others(model_4bit, tokenizer):
+def test_same_seed_same_answers(model_4bit, tokenizer):
     first = generate(model_4bit, tokenizer, PROMPTS, max_new_tokens=12, seed=7)
     again = generate(model_4bit, tokenizer, PROMPTS, max_new_tokens=12, seed=7)
-    other = generate(model_4bit, tokenizer, PROMPTS, max_new_tokens=12, seed=8)
     assert _tokens(first) == _tokens(again)
+
+
+def test_other_seed_other_answers(model_4bit, tokenizer):
+    first = generate(model_4bit, tokenizer, PROMPTS, max_new_tokens=12, seed=7)
+    other = generate(model_4bit, tokenizer, PROMPTS, max_new_tokens=12, seed=8)
     assert _tokens(first) != _tokens(other)
-    assert [r.prompt for r in first] == PROMPTS  # results come back in the prompts' order
+
+
+def test_results_come_back_in_the_prompts_order(model_4bit, tokenizer):
+    results = generate(model_4bit, tokenizer, PROMPTS, max_new_tokens=2, seed=7)
+    assert [r.prompt for r in results] == PROMPTS
 
 
 def test_seeded_generation_leaves_the_callers_rng_alone(model_4bit, tokenizer):
@@ -94,49 +103,78 @@ def test_stops_on_the_template_end_token_not_only_the_tokenizer_eos(tokenizer):
     )
 
 
-def test_chat_template_generation_prompt_system_and_raw_modes(tokenizer):
+def test_chat_mode_renders_system_user_and_the_generation_prompt(tokenizer):
     chat = tokenizer.decode(encode_prompt(tokenizer, "hi", system_prompt="Be a cat."))
     assert chat == "<|system|>\nBe a cat.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+
+
+def test_raw_mode_encodes_the_text_without_the_template(tokenizer):
     raw = tokenizer.decode(encode_prompt(tokenizer, "Once upon a cat", raw=True))
     assert "<|user|>" not in raw and raw.endswith("Once upon a cat")
 
 
-def test_bad_prompts_are_clear_errors(model_4bit, tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="no prompts"):
-        generate(model_4bit, tokenizer, [])
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "message"),
+    [
+        ([], {}, "no prompts"),
+        (["ok", "  "], {}, "prompt 1 is empty"),
+        (["meow " * 5000], {"max_new_tokens": 4}, r"Prompt 0 is \d+ tokens long.*context is 4096"),
+    ],
+    ids=["none", "empty", "too-long"],
+)
+def test_generate_refuses_bad_prompts(model_4bit, tokenizer, prompts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model_4bit, tokenizer, prompts, **kwargs)
+
+
+def test_no_prompts_to_load_is_an_error():
     with pytest.raises(ValueError, match="No prompts to generate from"):
         load_prompts([], None)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        generate(model_4bit, tokenizer, ["ok", "  "])
-    with pytest.raises(ValueError, match=r"Prompt 0 is \d+ tokens long.*context is 4096"):
-        generate(model_4bit, tokenizer, ["meow " * 5000], max_new_tokens=4)
+
+
+def test_a_missing_prompt_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         load_prompts(None, str(tmp_path / "missing.txt"))
+
+
+def test_a_bad_jsonl_prompt_line_is_located(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{not json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
         load_prompts(None, str(bad))
+
+
+def test_an_unreadable_prompt_file_is_an_error(tmp_path):
     unreadable = tmp_path / "bytes.txt"
     unreadable.write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="Cannot read prompt file"):
         load_prompts(None, str(unreadable))
 
 
-def test_prompt_files_text_and_jsonl(tmp_path):
+def test_a_text_prompt_file_adds_one_prompt_per_nonblank_line(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("first\n\n  second  \n")
+    assert load_prompts(["zero"], str(text)) == ["zero", "first", "second"]
+
+
+def test_a_jsonl_prompt_file_holds_prompts_and_chats(tmp_path):
     jsonl = tmp_path / "p.jsonl"
     chat = [{"role": "user", "content": "third"}]
     jsonl.write_text(json.dumps({"prompt": "x"}) + "\n" + json.dumps({"messages": chat}) + "\n")
-    assert load_prompts(["zero"], str(text)) == ["zero", "first", "second"]
     assert load_prompts(None, str(jsonl)) == ["x", chat]
 
 
-def test_adapter_errors_missing_path_and_other_base(tmp_path, tiny_path):
+def test_a_missing_adapter_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         resolve_adapter(str(tmp_path / "nope"))
+
+
+def test_latest_without_any_adapter_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter folder under"):
         resolve_adapter("latest", tmp_path)
+
+
+def test_an_adapter_of_another_shape_is_refused(tmp_path, tiny_path):
     # An adapter trained on a narrower model of the same architecture.
     config = AutoModelForCausalLM.from_pretrained(tiny_path).config
     config.hidden_size, config.intermediate_size = 64, 192
@@ -146,62 +184,27 @@ def test_adapter_errors_missing_path_and_other_base(tmp_path, tiny_path):
         load_for_inference(TINY_MODEL_ID, str(adapter), load_in_4bit=False)
 
 
-def test_latest_and_run_folder_resolve_to_the_adapter(tmp_path):
+@pytest.fixture
+def two_runs(tmp_path):
+    """An experiment folder with the adapters of two runs, version_1 written last."""
     for version in (0, 1):
         folder = tmp_path / "exp" / f"version_{version}" / "adapter"
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text("{}")
-    newest = tmp_path / "exp" / "version_1" / "adapter"
-    assert resolve_adapter("latest", tmp_path / "exp") == str(newest)
-    assert resolve_adapter(str(newest.parent)) == str(newest)
-    assert resolve_adapter("someone/cats-adapter") == "someone/cats-adapter"  # a Hub id
+    return tmp_path / "exp"
 
 
-def test_fit_logs_samples_then_predict_writes_every_prompt(run_dir):
-    main(
-        tiny_fit_args(
-            "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-            "--hub.enabled", "false", "--samples.max_new_tokens", "6",
-        )
-    )  # fmt: skip
-    run = run_dir / "logs" / "tiny-cats" / "version_0"
-    events = EventAccumulator(str(run), size_guidance={"tensors": 0})
-    events.Reload()
-    texts = events.Tensors("samples/0/text_summary")
-    assert [e.step for e in texts] == [2, 4]  # each validation; the end is the same step
-    assert b"knock things off the table" in texts[-1].tensor_proto.string_val[0]
-    assert [e.step for e in events.Scalars("samples/stopped_share")] == [2, 4]
-
-    main(
-        [
-            "predict",
-            *["--config", str(CONFIGS / "qlora.yaml"), "--config", str(CONFIGS / "tiny.yaml")],
-            *["--config", str(CONFIGS / "predict.yaml"), "--trainer.enable_progress_bar", "false"],
-            *["--model.generation.max_new_tokens", "5", "--data.predict_batch_size", "3"],
-        ]
-    )
-    out = run_dir / "logs" / "tiny-cats" / "version_1"
-    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    expected = _predict_yaml_prompts()
-    assert [r["prompt"] for r in records] == expected
-    assert all(set(r) == {"prompt", "response", "num_tokens", "stopped"} for r in records)
-    assert all(1 <= r["num_tokens"] <= 5 for r in records)
-    markdown = (out / "predictions.md").read_text()
-    assert all(prompt in markdown for prompt in expected)
-    assert "version_0/adapter" in markdown  # the latest adapter, said in the report
-    metrics = json.loads((out / "predictions.metrics.json").read_text())
-    assert set(metrics) >= {"stopped_share", "distinct_2", "cat_vocab_share"}
+def test_latest_resolves_to_the_newest_adapter(two_runs):
+    assert resolve_adapter("latest", two_runs) == str(two_runs / "version_1" / "adapter")
 
 
-def _predict_yaml_prompts() -> list[str]:
-    import yaml
+def test_a_run_folder_resolves_to_its_adapter(two_runs):
+    run = two_runs / "version_0"
+    assert resolve_adapter(str(run)) == str(run / "adapter")
 
-    return yaml.safe_load((CONFIGS / "predict.yaml").read_text())["data"]["prompts"]
 
-
-def test_fit_refuses_an_adapter(run_dir):
-    with pytest.raises(ValueError, match="is for predict/validate/test"):
-        main(tiny_fit_args("--trainer.max_steps", "1", "--model.adapter", "latest"))
+def test_a_hub_id_is_passed_through():
+    assert resolve_adapter("someone/cats-adapter") == "someone/cats-adapter"
 
 
 def test_bench_generate_runs_on_cpu(tmp_path):

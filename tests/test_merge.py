@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import save_random_adapter
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from lit_cats.assets import SHIPPED_DATASET_ID
 from lit_cats.cli import main
+from lit_cats.data.datamodule import CatsDataModule
 from lit_cats.inference.adapters import apply_adapter, load_for_inference
 from lit_cats.inference.generation import generate
-from lit_cats.inference.merge import merge_adapter
+from lit_cats.inference.merge import check_batches, merge_adapter
 from lit_cats.recipe import load_base
 from lit_cats.tiny import PHI3_STOP_TOKENS, TINY_MODEL_ID
 
@@ -30,24 +32,77 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def test_merged_model_logits_match_adapter_on_base(adapter, tmp_path, tokenizer):
-    report = merge_adapter(str(adapter), str(tmp_path / "merged"), dtype="float32", device="cpu")
-    assert report.loss_diff < 1e-4 and report.max_logit_diff < 1e-3
-    merged = AutoModelForCausalLM.from_pretrained(report.output_dir, dtype=torch.float32)
+@pytest.fixture(scope="module")
+def merged_fp32(adapter, tmp_path_factory):
+    """The adapter merged in float32 (an exact check), and its report."""
+    out = tmp_path_factory.mktemp("merged-fp32")
+    return merge_adapter(str(adapter), str(out), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def check_ids(tokenizer):
+    return torch.tensor([tokenizer("Teh void is a box. I sit in it.")["input_ids"]])
+
+
+def test_the_merge_check_passes_tightly_in_float32(merged_fp32):
+    assert merged_fp32.loss_diff < 1e-4 and merged_fp32.max_logit_diff < 1e-3
+
+
+def test_the_adapter_changes_the_base(adapter, check_ids):
+    base = load_base(TINY_MODEL_ID, load_in_4bit=False, dtype="float32")
+    base_logits = _logits(base, check_ids)
+    on_base = apply_adapter(base, str(adapter), None)
+    assert not torch.allclose(base_logits, _logits(on_base, check_ids), atol=1e-3)
+
+
+def test_merged_model_logits_match_adapter_on_base(adapter, merged_fp32, check_ids):
+    merged = AutoModelForCausalLM.from_pretrained(merged_fp32.output_dir, dtype=torch.float32)
     on_base = apply_adapter(
         load_base(TINY_MODEL_ID, load_in_4bit=False, dtype="float32"), str(adapter), None
     )
-    ids = torch.tensor([tokenizer("Teh void is a box. I sit in it.")["input_ids"]])
-    base_only = load_base(TINY_MODEL_ID, load_in_4bit=False, dtype="float32")
-    assert not torch.allclose(_logits(base_only, ids), _logits(on_base, ids), atol=1e-3)
-    torch.testing.assert_close(_logits(merged, ids), _logits(on_base, ids), atol=1e-4, rtol=1e-4)
-    # A plain transformers folder: no peft files, no quantization, every stop id kept.
-    names = {p.name for p in report.output_dir.iterdir()}
+    expected = _logits(on_base, check_ids)
+    torch.testing.assert_close(_logits(merged, check_ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_merged_folder_is_plain_transformers_without_peft_files(merged_fp32):
+    names = {p.name for p in merged_fp32.output_dir.iterdir()}
     assert "model.safetensors" in names and "adapter_config.json" not in names
-    assert "quantization_config" not in merged.config.to_dict()
-    stops = GenerationConfig.from_pretrained(report.output_dir).eos_token_id
+
+
+def test_merged_model_is_not_quantized(merged_fp32):
+    config = AutoConfig.from_pretrained(merged_fp32.output_dir)
+    assert "quantization_config" not in config.to_dict()
+
+
+def test_merged_generation_config_keeps_every_stop_id(merged_fp32, tokenizer):
+    stops = GenerationConfig.from_pretrained(merged_fp32.output_dir).eos_token_id
     assert stops == tokenizer.convert_tokens_to_ids(list(PHI3_STOP_TOKENS))
-    assert AutoTokenizer.from_pretrained(report.output_dir).chat_template
+
+
+def test_merged_folder_has_the_chat_template(merged_fp32):
+    assert AutoTokenizer.from_pretrained(merged_fp32.output_dir).chat_template
+
+
+def test_check_batches_are_the_datamodules_first_rows():
+    data = CatsDataModule(SHIPPED_DATASET_ID, TINY_MODEL_ID, val_size=0.0, max_seq_length=256)
+    data.setup("validate")
+    expected = data.collate([data.train_dataset[i] for i in range(3)])
+    [batch], _ = check_batches(TINY_MODEL_ID, SHIPPED_DATASET_ID, 3)
+    assert batch.keys() == expected.keys()
+    assert all(torch.equal(batch[k], expected[k]) for k in batch)
+
+
+def test_check_batches_hold_at_most_four_rows_each():
+    batches, _ = check_batches(TINY_MODEL_ID, SHIPPED_DATASET_ID, 9)
+    assert [len(b["input_ids"]) for b in batches] == [4, 4, 1]
+
+
+def test_merge_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--adapter", "--output_dir", "--base", "--dtype", "--check_dataset"):
+        assert option in out
 
 
 def test_merge_command_bf16_next_to_the_adapter_and_predict_uses_it(adapter, capsys, tokenizer):

@@ -8,9 +8,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_cats.data.prompts import Prompt, check_prompt, prompt_text
-from lit_cats.inference.generation import GenerationResult, GenerationSettings, generate
-from lit_cats.inference.metrics import CAT_WORDS, EXISTENTIAL_WORDS, compute_generation_metrics
+from lit_cats.data.prompts import Prompt, check_prompt
+from lit_cats.inference.generation import GenerationSettings, generate
+from lit_cats.inference.metrics import CAT_WORDS, EXISTENTIAL_WORDS
+from lit_cats.inference.report import answer_markdown, answer_record, generation_metrics
 
 #: Asked at every validation unless the config says otherwise.
 DEFAULT_PROMPTS = (
@@ -105,19 +106,14 @@ class GenerationSamples(L.Callback):
             results = generate(
                 model, tokenizer, self.prompts, self.settings, batch_size=len(self.prompts)
             )
-        log_samples(trainer, results, self._metrics(results), step)
-
-    def _metrics(self, results: list[GenerationResult]) -> dict[str, float]:
+        records = [answer_record(result) for result in results]
         # Rank zero alone: a cross-process reduction would wait for the other ranks forever.
-        answers = [vars(result) for result in results]
-        metrics = compute_generation_metrics(
-            answers, self.cat_words, self.existential_words, sync=False
-        )
-        return {f"samples/{name}": value for name, value in metrics.items()}
+        metrics = generation_metrics(records, self.cat_words, self.existential_words, sync=False)
+        log_samples(trainer, records, {f"samples/{k}": v for k, v in metrics.items()}, step)
 
 
 def log_samples(
-    trainer: L.Trainer, results: list[GenerationResult], metrics: dict[str, float], step: int
+    trainer: L.Trainer, records: list[dict[str, Any]], metrics: dict[str, float], step: int
 ) -> None:
     """Answers as TensorBoard text (one tag per prompt) and their metrics as scalars."""
     wrote_text = False
@@ -125,19 +121,10 @@ def log_samples(
         logger.log_metrics(metrics, step=step)
         experiment: Any = getattr(logger, "experiment", None)
         if callable(getattr(experiment, "add_text", None)):
-            for i, result in enumerate(results):
-                experiment.add_text(f"samples/{i}", sample_markdown(result), global_step=step)
+            for i, record in enumerate(records):
+                text = answer_markdown(record, i + 1)
+                experiment.add_text(f"samples/{i}", text, global_step=step)
             wrote_text = True
         logger.save()
     if not wrote_text and trainer.loggers:
         rank_zero_warn("GenerationSamples: no logger takes text (use TensorBoardLogger).")
-
-
-def sample_markdown(result: GenerationResult) -> str:
-    """A prompt and its answer, as TensorBoard's Text tab renders Markdown."""
-    ending = "stopped by itself" if result.stopped else "hit the token limit"
-    return (
-        f"**Prompt:** {prompt_text(result.prompt)}\n\n"
-        f"**Answer:** {result.response or '*(empty)*'}\n\n"
-        f"*{result.num_tokens} tokens, {ending}*"
-    )

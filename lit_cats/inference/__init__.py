@@ -12,6 +12,7 @@ from lit_cats.inference.adapters import (
     resolve_adapter,
 )
 from lit_cats.inference.generation import GenerationResult, GenerationSettings, generate
+from lit_cats.inference.report import answer_markdown, answer_record, generation_metrics
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -19,8 +20,11 @@ __all__ = [
     "LATEST",
     "GenerationResult",
     "GenerationSettings",
+    "answer_markdown",
+    "answer_record",
     "apply_adapter",
     "generate",
+    "generation_metrics",
     "load_for_inference",
     "resolve_adapter",
 ]

@@ -69,7 +69,8 @@ def apply_adapter(base: PreTrainedModel, adapter: str, dtype: str | None = "bflo
 
     The adapter weights are cast to ``dtype``: training keeps them in fp32, which would make
     every LoRA matmul cast its input and output at each generated token. ``None`` keeps the
-    saved dtype (merging computes the update in fp32 and rounds once).
+    saved dtype (merging computes the update in fp32 and rounds once). peft's own
+    ``autocast_adapter_dtype`` only upcasts (to fp32), hence the cast below.
 
     Raises:
         ValueError: If the adapter was trained on a model of another shape or architecture.
@@ -96,7 +97,11 @@ def apply_adapter(base: PreTrainedModel, adapter: str, dtype: str | None = "bflo
 
 
 def adapter_base_model(adapter: str) -> str | None:
-    """The base model an adapter folder says it was trained on (None if it does not say)."""
+    """The base model an adapter folder says it was trained on (None if it does not say).
+
+    Plain JSON rather than ``peft.PeftConfig.from_pretrained``: one key is needed, and peft would
+    build and check the whole config (and download it for a Hub id).
+    """
     config = Path(adapter) / ADAPTER_CONFIG
     if not config.is_file():
         return None

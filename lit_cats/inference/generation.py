@@ -4,6 +4,9 @@
 left-pads prompts of similar length into batches, and samples with transformers' ``generate``,
 stopping on every end-of-sequence id of the model's generation config (Phi-3 has three). Each
 answer is reported with its token count and whether the model stopped by itself.
+
+Not transformers' ``TextGenerationPipeline`` batching: it neither groups prompts by length nor
+reports an answer's token count or whether a stop id ended it.
 """
 
 from __future__ import annotations
@@ -212,7 +215,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 def _generate_batch(
     model: PreTrainedModel, prompts: list[list[int]], config: GenerationConfig
 ) -> list[list[int]]:
-    """Left-pad the prompts (answers must start at the same column) and generate."""
+    """Left-pad the prompts (answers must start at the same column) and generate.
+
+    Not ``tokenizer.pad``: it needs a pad token, which many tokenizers lack (a stop id pads here).
+    """
     width = max(len(ids) for ids in prompts)
     input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -15,15 +15,25 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lit_cats.assets import SHIPPED_DATASET_ID
-from lit_cats.data.datamodule import CatsDataModule
+from lit_cats.data.collate import collate
+from lit_cats.data.datamodule import load_raw_dataset
+from lit_cats.data.formatting import (
+    detect_format,
+    format_columns,
+    prompt_response_to_messages,
+    tokenize_chat,
+    tokenize_text,
+    validate_column,
+)
 from lit_cats.inference.adapters import adapter_base_model, apply_adapter, resolve_adapter
 from lit_cats.loss import label_token_count
-from lit_cats.recipe import load_base, parse_dtype
+from lit_cats.recipe import load_base, load_tokenizer, parse_dtype
 
 Batches = list[dict[str, torch.Tensor]]
 
@@ -132,24 +142,58 @@ def merge_adapter(
     return report
 
 
+#: The check tokenizes as ``CatsDataModule``'s defaults do: columns, no loss on the prompt, no
+#: padding multiple; only the length is capped (a few short rows suffice for a parity check).
+CHECK_COLUMNS = ("text", "messages", "prompt", "response")
+CHECK_MAX_SEQ_LENGTH = 256
+CHECK_BATCH_SIZE = 4
+
+
 def check_batches(
     tokenizer_name: str, dataset: str, num_examples: int
 ) -> tuple[Batches, PreTrainedTokenizerBase]:
-    """The first ``num_examples`` examples of ``dataset``, tokenized as training does, and the
-    tokenizer that did it (the merged model is saved with it)."""
+    """The first ``num_examples`` rows of ``dataset``, tokenized as training does, in padded
+    batches, and the tokenizer that did it (the merged model is saved with it)."""
     if num_examples < 1:
         raise ValueError(f"num_check_examples must be >= 1, got {num_examples}.")
-    data = CatsDataModule(dataset, tokenizer_name, val_size=0.0, max_seq_length=256)
-    data.setup("validate")
-    rows = data.train_dataset.select(range(min(num_examples, len(data.train_dataset))))
-    examples = [rows[i] for i in range(len(rows))]
-    batches = [data.collate(examples[i : i + 4]) for i in range(0, len(examples), 4)]
-    return batches, data.tokenizer
+    tokenizer = load_tokenizer(tokenizer_name)
+    raw = load_raw_dataset(dataset)
+    rows = raw.select(range(min(num_examples, len(raw))))
+    fmt = detect_format(rows.column_names, "auto", *CHECK_COLUMNS)
+    for column in format_columns(*CHECK_COLUMNS)[fmt]:
+        validate_column(rows[column], column, fmt)
+    examples = [tokenize_row(tokenizer, row, fmt) for row in rows]
+    batches = [
+        collate(examples[i : i + CHECK_BATCH_SIZE], tokenizer.pad_token_id)
+        for i in range(0, len(examples), CHECK_BATCH_SIZE)
+    ]
+    return batches, tokenizer
+
+
+def tokenize_row(
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], fmt: str
+) -> dict[str, list[int]]:
+    """One row of a ``text``, ``messages`` or ``prompt_response`` dataset as training labels it.
+
+    The same dispatch as ``CatsDataModule``'s tokenizing (the data package has no per-row function).
+    """
+    text, messages, prompt, response = CHECK_COLUMNS
+    if fmt == "text":
+        return tokenize_text(tokenizer, row[text], CHECK_MAX_SEQ_LENGTH)
+    chat = (
+        row[messages]
+        if fmt == "messages"
+        else prompt_response_to_messages(row[prompt], row[response])
+    )
+    return tokenize_chat(tokenizer, chat, CHECK_MAX_SEQ_LENGTH)
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Batches) -> tuple[float, list[torch.Tensor]]:
-    """Mean per-token loss over the batches, and each batch's logits (fp32, on the CPU)."""
+    """Mean per-token loss over the batches, and each batch's logits (fp32, on the CPU).
+
+    Not ``transformers.Trainer.evaluate``: its loss is a mean over batches, not label tokens.
+    """
     device = model.get_input_embeddings().weight.device
     total, tokens, all_logits = 0.0, 0, []
     for batch in batches:
@@ -179,6 +223,7 @@ def _device(device: str) -> torch.device:
 
 
 def _free_memory() -> None:
+    """``accelerate.utils.clear_device_cache`` does the same; accelerate is no dependency here."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -42,7 +42,10 @@ _WORD = re.compile(r"[\w']+")
 
 
 class _MeanPerAnswer(Metric):
-    """Mean of a per-answer value over every answer seen (0 before any); summed across ranks."""
+    """Mean of a per-answer value over every answer seen (0 before any); summed across ranks.
+
+    Not torchmetrics' ``MeanMetric``: it returns NaN, with a warning, before any answer.
+    """
 
     full_state_update = False
 
@@ -189,7 +192,7 @@ def words(text: str) -> list[str]:
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    """Consecutive ``n``-tuples of ``tokens``."""
+    """Consecutive ``n``-tuples of ``tokens`` (``nltk.util.ngrams``, without the dependency)."""
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_cats.data.prompts import Prompt
 from lit_cats.inference.adapters import LATEST, apply_adapter, resolve_adapter
 from lit_cats.inference.generation import GenerationSettings, generate
+from lit_cats.inference.report import answer_record
 from lit_cats.locations import experiment_dir
 from lit_cats.model import QLoRAModule
 
@@ -77,4 +78,4 @@ class AdapterModule(QLoRAModule):
             settings = replace(settings, seed=settings.seed + batch_idx)
         tokenizer = self.get_tokenizer()
         results = generate(self.model, tokenizer, batch, settings, batch_size=len(batch))
-        return [asdict(result) for result in results]
+        return [answer_record(result) for result in results]
