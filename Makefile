@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/lit-cats fit --config configs/qlora.yaml --config configs/tiny.yaml
 
-# Triton's interpreter runs lit_cats/lora_dropout.py's CUDA kernels on the CPU in the tests.
+# Triton's interpreter runs lit_cats/fast/lora_dropout.py's CUDA kernels on the CPU in the tests.
 # CUDA builds of torch ship Triton; the CPU build does not. Without a wheel that test skips.
 $(VENV)/.triton: $(VENV)/.installed
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q triton \

@@ -3,13 +3,13 @@
 Weak scaling, as users scale: the per-GPU batch stays the same, so N GPUs train on N times the
 tokens per step. For each setup and device count a fresh process runs lit-cats' real training
 step (``QLoRAModule`` + ``CatsDataModule`` with its rank sharding, Lightning's ``ddp`` strategy
-as ``configs/ddp.yaml`` sets it) on the random-weight Phi-3-mini and the "short" workload of
-PERF.md (4,000 random sequences of 32-256 tokens) that ``bench_train.py`` builds. Real tokens
+as ``configs/ddp.yaml`` sets it) on the random-weight Phi-3-mini and the "short" workload
+(4,000 random sequences of 32-256 tokens) that ``bench_train.make_workload`` builds. Real tokens
 (label-carrying) of every rank are counted between device synchronisations, after the warm-up
 steps; seconds are the slowest rank's. Scaling efficiency = tok/s on N / (N x tok/s on 1).
 Prints a table and appends it, dated, with the GPUs, versions and commit, to RESULTS.md.
 
-    python benchmarks/bench_ddp.py                       # 1 vs 2 GPUs, every setup (~5 min)
+    python benchmarks/bench_ddp.py                       # 1 vs 2 GPUs, every setup
     python benchmarks/bench_ddp.py --devices 1,2,4 --setups b16
     python benchmarks/bench_ddp.py --model tiny --accelerator cpu --steps 3 --warmup 1  # smoke
 
@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     with results.open("a") as f:
         f.write(
             f"\n## bench_ddp: {env['date']}\n\n- devices: {gpus}\n- versions: {env['versions']}\n"
-            f"- commit: {env['commit']}\n- workload: short (PERF.md), {args.warmup} warm-up + "
-            f"{args.steps} timed steps, per-GPU batch fixed (weak scaling)\n\n{body}\n"
+            f"- commit: {env['commit']}\n- workload: short (32-256 tokens), {args.warmup} warm-up "
+            f"+ {args.steps} timed steps, per-GPU batch fixed (weak scaling)\n\n{body}\n"
         )
 
 

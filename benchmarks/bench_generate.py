@@ -1,7 +1,7 @@
 """Generation speed: the original's one-prompt-at-a-time 4-bit loop vs ``lit-cats predict``.
 
-In one process on one GPU: build a random-weight Phi-3-mini locally (PERF.md's config; speed
-does not depend on the weights' values) and a random LoRA adapter (r 16 on all four linear
+In one process on one GPU: build a random-weight Phi-3-mini locally (``bench_train.py``'s config;
+speed does not depend on the weights' values) and a random LoRA adapter (r 16 on all four linear
 kinds), then time the original's eight prompts x 250 new tokens three ways:
 
 1. ``original``: 4-bit base + peft adapter (fp32, as loaded by default), ``model.generate`` on
@@ -17,7 +17,7 @@ between device synchronisations. Prints a table and appends it, dated, with the 
 and commit, to ``benchmarks/RESULTS.md``. The tokenizer is lit-cats' tiny one (Phi-3's special
 tokens and chat template), so no download is needed; prompts encode to a similar length.
 
-    python benchmarks/bench_generate.py                 # H100: ~3 minutes, most of it the loop
+    python benchmarks/bench_generate.py                 # GPU; most of the time is the loop
     python benchmarks/bench_generate.py --fast-lora     # also batched 4-bit with fused LoRA
     python benchmarks/bench_generate.py --tiny          # CPU smoke test: tiny model, seconds
 """
@@ -49,7 +49,7 @@ from lit_cats.inference.generation import GenerationSettings, generate  # noqa: 
 from lit_cats.inference.merge import merge_adapter  # noqa: E402
 from lit_cats.recipe import load_base  # noqa: E402
 
-#: The issue's reference: the original loop, 8 x 250 tokens in 101 s on one H100.
+#: The issue's reference rate of the original loop, tokens/s, recorded with each section.
 ORIGINAL_TOKENS_PER_S = 19.8
 
 

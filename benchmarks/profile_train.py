@@ -1,6 +1,6 @@
 """Where a lit-cats training step spends its time: torch.profiler over a few steps.
 
-A plain loop over lit-cats' own module (``QLoRAModule._training_loss``, backward, clipping,
+A plain loop over lit-cats' own module (its ``SpeedKit.loss``, backward, clipping,
 AdamW) on the random-weight Phi-3-mini of ``bench_train.py``, outside Lightning, so the numbers
 show the model's kernels and the host's overhead. Prints wall time per step, the GPU's busy
 time per step (sum of kernel times), and the top operators by device and by host time.

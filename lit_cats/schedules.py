@@ -27,6 +27,7 @@ class WarmupLR(LambdaLR):
 
     ``schedule="constant"`` with ``warmup_ratio=0.03`` is transformers'
     ``constant_with_warmup`` as the original script used it.
+    Not ``transformers.get_scheduler``: a function of absolute warm-up steps, no ``class_path``.
 
     Args:
         optimizer: The wrapped optimizer.

@@ -273,7 +273,7 @@ class CatsDataModule(L.LightningDataModule):
         if train:
             lengths = [len(x) for x in ds["input_ids"]]
             # One global order, identical on every rank, grouped by the step's global batch;
-            # each rank then takes its round-robin share (see lit_cats/distributed.py).
+            # each rank then takes its round-robin share (lit_cats/data/sampling.py).
             sampler = LengthGroupedSampler(
                 lengths, hp.batch_size * ranks, hp.seed, hp.group_by_length
             )

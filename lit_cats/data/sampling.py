@@ -31,6 +31,7 @@ class LengthGroupedSampler(Sampler[int]):
     resumed run sees the same order as the interrupted one. Under data parallelism
     ``batch_size`` is the step's global batch (per device x ranks) and every rank builds the same
     order, so N ranks train on the batches one process with N times the batch would.
+    Not transformers' ``LengthGroupedSampler``: it has no seed or ``set_epoch`` (resume reorders).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: bool = True):
