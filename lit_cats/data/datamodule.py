@@ -20,9 +20,7 @@ from lit_cats.data.formatting import (
     Format,
     detect_format,
     format_columns,
-    prompt_response_to_messages,
-    tokenize_chat,
-    tokenize_text,
+    tokenize_row,
     validate_column,
 )
 from lit_cats.data.prompts import Prompt, load_prompts
@@ -232,12 +230,7 @@ class CatsDataModule(L.LightningDataModule):
         tok, max_len, on_prompt = self.tokenizer, hp.max_seq_length, hp.train_on_prompt
 
         def encode(row: dict[str, Any]) -> dict[str, Any]:
-            if fmt == "text":
-                return tokenize_text(tok, row[hp.text_column], max_len)
-            if fmt == "messages":
-                return tokenize_chat(tok, row[hp.messages_column], max_len, on_prompt)
-            chat = prompt_response_to_messages(row[hp.prompt_column], row[hp.response_column])
-            return tokenize_chat(tok, chat, max_len, on_prompt)
+            return tokenize_row(tok, row, fmt, names, max_len, on_prompt)
 
         return raw.map(
             encode,

@@ -183,3 +183,32 @@ def tokenize_chat(
 def prompt_response_to_messages(prompt: str, response: str) -> list[dict[str, str]]:
     """The chat a prompt/response pair stands for."""
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def tokenize_row(
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict[str, Any],
+    fmt: str,
+    columns: Sequence[str],
+    max_seq_length: int,
+    train_on_prompt: bool = False,
+) -> dict[str, list[int]]:
+    """One dataset row of shape ``fmt`` as ``input_ids`` and ``labels``.
+
+    Args:
+        tokenizer: The model's tokenizer (its chat template renders chats).
+        row: The row.
+        fmt: ``"text"``, ``"messages"`` or ``"prompt_response"`` (see :func:`detect_format`).
+        columns: The text, messages, prompt and response column names, in that order.
+        max_seq_length: Longest kept example, in tokens.
+        train_on_prompt: Chats: label every token, not only the assistant turns.
+    """
+    text, messages, prompt, response = columns
+    if fmt == "text":
+        return tokenize_text(tokenizer, row[text], max_seq_length)
+    chat = (
+        row[messages]
+        if fmt == "messages"
+        else prompt_response_to_messages(row[prompt], row[response])
+    )
+    return tokenize_chat(tokenizer, chat, max_seq_length, train_on_prompt)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -26,9 +25,7 @@ from lit_cats.data.datamodule import load_raw_dataset
 from lit_cats.data.formatting import (
     detect_format,
     format_columns,
-    prompt_response_to_messages,
-    tokenize_chat,
-    tokenize_text,
+    tokenize_row,
     validate_column,
 )
 from lit_cats.inference.adapters import adapter_base_model, apply_adapter, resolve_adapter
@@ -162,30 +159,14 @@ def check_batches(
     fmt = detect_format(rows.column_names, "auto", *CHECK_COLUMNS)
     for column in format_columns(*CHECK_COLUMNS)[fmt]:
         validate_column(rows[column], column, fmt)
-    examples = [tokenize_row(tokenizer, row, fmt) for row in rows]
+    examples = [
+        tokenize_row(tokenizer, row, fmt, CHECK_COLUMNS, CHECK_MAX_SEQ_LENGTH) for row in rows
+    ]
     batches = [
         collate(examples[i : i + CHECK_BATCH_SIZE], tokenizer.pad_token_id)
         for i in range(0, len(examples), CHECK_BATCH_SIZE)
     ]
     return batches, tokenizer
-
-
-def tokenize_row(
-    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], fmt: str
-) -> dict[str, list[int]]:
-    """One row of a ``text``, ``messages`` or ``prompt_response`` dataset as training labels it.
-
-    The same dispatch as ``CatsDataModule``'s tokenizing (the data package has no per-row function).
-    """
-    text, messages, prompt, response = CHECK_COLUMNS
-    if fmt == "text":
-        return tokenize_text(tokenizer, row[text], CHECK_MAX_SEQ_LENGTH)
-    chat = (
-        row[messages]
-        if fmt == "messages"
-        else prompt_response_to_messages(row[prompt], row[response])
-    )
-    return tokenize_chat(tokenizer, chat, CHECK_MAX_SEQ_LENGTH)
 
 
 @torch.inference_mode()
