@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import bench_train
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_workloads_follow_the_reference_definition():
+@pytest.fixture
+def bench_train(monkeypatch):
+    """``benchmarks/bench_train.py``, imported as the benchmark scripts run it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("bench_train")
+
+
+def test_workloads_follow_the_reference_definition(bench_train):
     short = bench_train.make_workload("short", 32064, 4000)
     assert len(short) == 4000
     assert min(map(len, short)) >= 32 and max(map(len, short)) <= 256
@@ -24,7 +28,7 @@ def test_workloads_follow_the_reference_definition():
         bench_train.make_workload("medium", 100, 1)
 
 
-def _bench(results: Path, runs: list[str], *extra: str) -> dict[str, dict]:
+def _bench(bench_train, results: Path, runs: list[str], *extra: str) -> dict[str, dict]:
     args = ["--model", "tiny", "--device", "cpu", "--runs", ",".join(runs), "--steps", "2",
             "--warmup", "1", "--scale", "0.02", "--results", str(results), *extra]  # fmt: skip
     rows = {r["run"]: r for r in bench_train.main(args)}
@@ -34,20 +38,20 @@ def _bench(results: Path, runs: list[str], *extra: str) -> dict[str, dict]:
     return rows
 
 
-def test_bench_runs_on_cpu_and_appends_a_dated_section(tmp_path: Path, run_dir):
+def test_bench_runs_on_cpu_and_appends_a_dated_section(bench_train, tmp_path: Path, run_dir):
     results = tmp_path / "RESULTS.md"
-    rows = _bench(results, ["fast_pack_gc"], "--check")
+    rows = _bench(bench_train, results, ["fast_pack_gc"], "--check")
     check = rows["check"]
     assert abs(check["packed"] - check["padded"]) < 1e-2 * check["padded"]
     text = results.read_text()
     assert "## bench_train:" in text and "tiny model" in text and "| fast_pack_gc |" in text
-    _bench(results, ["fast_b2"])
+    _bench(bench_train, results, ["fast_b2"])
     assert results.read_text().count("## bench_train:") == 2  # appended, not overwritten
 
 
 @pytest.mark.slow
-def test_bench_original_recipes_run_on_cpu(tmp_path: Path, run_dir):
+def test_bench_original_recipes_run_on_cpu(bench_train, tmp_path: Path, run_dir):
     pytest.importorskip("trl")
-    rows = _bench(tmp_path / "RESULTS.md", ["trl_b2", "orig_b2"])
+    rows = _bench(bench_train, tmp_path / "RESULTS.md", ["trl_b2", "orig_b2"])
     assert "x original" in (tmp_path / "RESULTS.md").read_text()
     assert rows["trl_b2"]["steps"] == 2

@@ -1,24 +1,27 @@
-"""The ``lit-cats`` command as a user runs it, and the shipped configs."""
+"""The ``lit-cats`` command (``lit_cats.cli``) as a user runs it, and the shipped configs."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import CONFIGS, tiny_fit_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_cats.cli import main
 from lit_cats.tiny import tiny_model_path
 
-ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUN = Path("logs", "tiny-cats", "version_0")  # where the first tiny fit in a folder writes
 
 
-def _resolved(capsys, *configs: Path) -> dict:
-    args = ["fit"]
+def _resolved(capsys, subcommand: str, *configs: Path) -> dict:
+    args = [subcommand]
     for config in configs:
         args += ["--config", str(config)]
     with pytest.raises(SystemExit) as exit_:
@@ -27,16 +30,17 @@ def _resolved(capsys, *configs: Path) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(capsys, config):
     # Override files are parsed on top of the complete one, as users stack them.
     configs = [CONFIGS / "qlora.yaml"] + ([config] if config.name != "qlora.yaml" else [])
-    resolved = _resolved(capsys, *configs)
+    subcommand = "predict" if config.name == "predict.yaml" else "fit"
+    resolved = _resolved(capsys, subcommand, *configs)
     assert resolved["model"]["model_name_or_path"]
 
 
 def test_qlora_yaml_carries_the_original_hyperparameters(capsys):
-    cfg = _resolved(capsys, CONFIGS / "qlora.yaml")
+    cfg = _resolved(capsys, "fit", CONFIGS / "qlora.yaml")
     model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
     assert model["model_name_or_path"] == "microsoft/Phi-3-mini-4k-instruct"
     assert data["dataset"] == "leonvanbokhorst/existential-cat-memes-v1"
@@ -47,7 +51,7 @@ def test_qlora_yaml_carries_the_original_hyperparameters(capsys):
     assert model["trust_remote_code"] is False
     # The intent of the original's 7 names, spelled as Phi-3's real (fused) modules.
     assert sorted(model["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    assert model["gradient_checkpointing"] is True
+    assert model["speed"]["gradient_checkpointing"] is True
     assert model["optimizer"]["class_path"] == "bitsandbytes.optim.PagedAdamW32bit"
     assert model["optimizer"]["init_args"]["lr"] == 2e-4
     assert model["optimizer"]["init_args"]["weight_decay"] == 0.0
@@ -80,43 +84,113 @@ def _scalars(run: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def test_console_script_fit_writes_logs_adapter_and_config(run_dir):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fit_args) -> Path:
+    """The folder of one 2-step tiny fit (hub dry run on, the adapter copied to final-adapter)."""
+    cwd = tmp_path_factory.mktemp("tiny-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        main(fit_args("--trainer.max_steps", "2", "--model.output_dir", "final-adapter"))
+    return cwd
+
+
+def test_console_script_fit_writes_logs_adapter_and_config(run_dir, fit_args):
     script = Path(sys.executable).with_name("lit-cats")
-    args = tiny_fit_args("--trainer.max_steps", "10", "--trainer.log_every_n_steps", "2")
+    args = fit_args("--trainer.max_steps", "10", "--trainer.log_every_n_steps", "2")
     proc = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = run_dir / "logs" / "tiny-cats" / "version_0"
+    run = run_dir / RUN
     assert {"config.yaml", "adapter", "checkpoints"} <= {p.name for p in run.iterdir()}
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (run / "checkpoints" / "last.ckpt").exists()
     tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
     for tag in ("train_loss", "grad_norm", "train_tokens_per_s", "lr-PagedAdamW32bit"):
         assert tag in tags
-    # The start report names the trained modules and shows the label mask.
-    assert "LoRA modules: {'down_proj': 2, 'gate_up_proj': 2, 'o_proj': 2, 'qkv_proj': 2}" in (
-        proc.stderr + proc.stdout
-    )
+    # The start report names the trained modules, the effective batch and the first example.
+    output = proc.stderr + proc.stdout
+    assert "LoRA modules: {'down_proj': 2, 'gate_up_proj': 2, 'o_proj': 2, 'qkv_proj': 2}" in output
+    assert "effective batch size: 8 = 8 per device x 1 devices x 1 nodes x 1 accumulation" in output
+    assert "first training example:" in output
 
 
-def test_ckpt_path_last_resumes_the_newest_run(run_dir):
-    main(tiny_fit_args("--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1"))
+def test_ckpt_path_last_resumes_the_newest_run(tiny_run, run_dir, fit_args):
+    shutil.copytree(tiny_run / "logs", run_dir / "logs")
+    older = run_dir / "logs" / "tiny-cats" / "version_9" / "checkpoints" / "last.ckpt"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"not a checkpoint")  # the highest version, but written long ago
+    os.utime(older, ns=(0, 0))
     main(
-        tiny_fit_args(
-            "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "1", "--ckpt_path", "last"
+        fit_args(
+            "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--ckpt_path", "last"
         )
     )
-    resumed = _scalars(run_dir / "logs" / "tiny-cats" / "version_1", "train_loss")
-    assert [step for step, _ in resumed] == [4, 5, 6, 7]  # continues, does not restart at 0
+    resumed = _scalars(run_dir / "logs" / "tiny-cats" / "version_10", "train_loss")
+    assert [step for step, _ in resumed] == [2, 3]  # continues version_0, does not restart at 0
 
 
-def test_ckpt_path_last_without_a_run_says_so(run_dir):
+def test_ckpt_path_last_without_a_run_says_so(run_dir, fit_args):
     with pytest.raises(FileNotFoundError, match="no last.ckpt under 'logs/tiny-cats'"):
-        main(tiny_fit_args("--trainer.max_steps", "2", "--ckpt_path", "last"))
+        main(fit_args("--trainer.max_steps", "2", "--ckpt_path", "last"))
 
 
-def test_unknown_lora_target_from_the_cli_lists_real_modules(run_dir):
-    with pytest.raises(ValueError, match=r"\['q_proj'\] match no linear layer.*'qkv_proj'"):
-        main(tiny_fit_args("--trainer.max_steps", "1", "--model.target_modules", "[q_proj]"))
+def test_checkpoint_from_before_model_speed_resumes_with_its_settings(tiny_run, run_dir, fit_args):
+    ckpt = torch.load(tiny_run / RUN / "checkpoints" / "last.ckpt", weights_only=False)
+    hparams = ckpt["hyper_parameters"]
+    speed = hparams.pop("speed")
+    speed["gradient_checkpointing"] = False  # not the config's: must come from the checkpoint
+    hparams.update(speed, adapter=None, generation=None)  # the flat keys of lit-cats 0.1
+    torch.save(ckpt, run_dir / "old.ckpt")
+    main(
+        fit_args(
+            "--trainer.max_steps",
+            "4",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--ckpt_path",
+            "old.ckpt",
+        )
+    )
+    assert [step for step, _ in _scalars(run_dir / RUN, "train_loss")] == [2, 3]
+    config = yaml.safe_load((run_dir / RUN / "config.yaml").read_text())
+    assert config["model"]["speed"]["gradient_checkpointing"] is False
+
+
+@pytest.mark.parametrize("where", ["command line", "config file"])
+def test_old_speed_keys_are_refused_with_the_new_name(run_dir, fit_args, where):
+    if where == "command line":
+        args = fit_args("--model.fast_lora", "true")
+        rename = "--model.fast_lora -> --model.speed.fast_lora"
+    else:
+        (run_dir / "old.yaml").write_text("model:\n  fast_lora: true\n")
+        args = fit_args("--config", "old.yaml")
+        rename = "old.yaml: model.fast_lora -> model.speed.fast_lora"
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    message = exit_.value.code
+    assert isinstance(message, str)  # sys.exit with a message: exit status 1
+    assert "moved under model.speed" in message and rename in message
+    assert not (run_dir / "logs").exists()
+
+
+def test_fit_refuses_an_adapter_to_load(run_dir, fit_args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args("--model.adapter", "latest"))
+    assert exit_.value.code == 2
+    assert "--model.adapter" in capsys.readouterr().err
+    assert not (run_dir / "logs").exists()
+
+
+def test_validate_scores_a_training_checkpoint(tiny_run, run_dir, capsys):
+    checkpoint = tiny_run / RUN / "checkpoints" / "last.ckpt"
+    args = [
+        "validate",
+        "--config",
+        str(CONFIGS / "qlora.yaml"),
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+    ]
+    main([*args, "--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)])
+    assert "val_loss" in capsys.readouterr().out
 
 
 def test_tiny_command_prints_the_model_folder(capsys):
@@ -124,36 +198,32 @@ def test_tiny_command_prints_the_model_folder(capsys):
     assert capsys.readouterr().out.strip() == str(tiny_model_path())
 
 
-def test_tiny_default_rehearses_the_hub_push_offline(run_dir):
-    main(tiny_fit_args("--trainer.max_steps", "3"))
-    pushed = run_dir / "logs" / "tiny-cats" / "hub-dry-run"
-    adapter = run_dir / "logs" / "tiny-cats" / "version_0" / "adapter"
+def test_tiny_default_rehearses_the_hub_push_offline(tiny_run):
+    pushed = tiny_run / "logs" / "tiny-cats" / "hub-dry-run"
+    adapter = tiny_run / RUN / "adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
         assert (pushed / name).read_bytes() == (adapter / name).read_bytes()
     assert "base_model:" in (pushed / "README.md").read_text()
 
 
-def test_hub_push_can_be_switched_off(run_dir):
-    main(tiny_fit_args("--trainer.max_steps", "2", "--hub.enabled", "false"))
+def test_hub_push_can_be_switched_off(run_dir, fit_args):
+    main(fit_args("--trainer.max_steps", "1", "--hub.enabled", "false"))
     assert not (run_dir / "logs" / "tiny-cats" / "hub-dry-run").exists()
-    assert (run_dir / "logs" / "tiny-cats" / "version_0" / "adapter").is_dir()
+    assert (run_dir / RUN / "adapter").is_dir()
 
 
-def test_push_command_pushes_an_existing_run(run_dir):
-    main(tiny_fit_args("--trainer.max_steps", "2", "--hub.enabled", "false"))
-    run = run_dir / "logs" / "tiny-cats" / "version_0"
+def test_push_command_pushes_an_existing_run(tiny_run, run_dir):
+    run = tiny_run / RUN
     main(["push", str(run), "--repo_id", "cat/void", "--dry_run_dir", "out"])
     assert (run_dir / "out" / "adapter_model.safetensors").read_bytes() == (
         run / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
 
 
-def test_output_dir_gets_a_copy_of_the_adapter(run_dir):
-    main(tiny_fit_args("--trainer.max_steps", "2", "--model.output_dir", "final-adapter"))
-    run_adapter = run_dir / "logs" / "tiny-cats" / "version_0" / "adapter"
-    copy = run_dir / "final-adapter"
+def test_output_dir_gets_a_copy_of_the_adapter(tiny_run):
+    copy = tiny_run / "final-adapter"
     assert (copy / "adapter_model.safetensors").read_bytes() == (
-        run_adapter / "adapter_model.safetensors"
+        tiny_run / RUN / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
 
 

@@ -101,6 +101,10 @@ def test_length_grouped_sampler_is_a_seeded_permutation_grouped_by_length():
     assert first == sorted(first, reverse=True)
 
 
+def _input_ids(loader) -> list[list[int]]:
+    return [b["input_ids"].tolist() for b in loader]
+
+
 def _setup(dataset: str, **kwargs) -> CatsDataModule:
     dm = CatsDataModule(dataset=dataset, tokenizer_name_or_path=TINY_MODEL_ID, **kwargs)
     dm.setup("fit")
@@ -178,3 +182,29 @@ def test_tokenization_is_cached(tiny_path):
     again = _setup("lit-cats/cat-memes")
     assert again.train_dataset._fingerprint == fingerprint
     assert again.train_dataset.cache_files  # read back from the on-disk cache
+
+
+def test_datamodule_checkpoints_the_loader_position_for_the_next_loader(tiny_path):
+    # Lightning restores loaders built after the restore only; ours is built before
+    # (estimated_stepping_batches, Lightning-AI/pytorch-lightning#20550), so the datamodule
+    # carries the position to the next loader it builds.
+    dm = _setup("lit-cats/cat-memes", batch_size=8)
+    straight = _input_ids(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    for _, _ in zip(range(3), loader, strict=False):
+        pass
+    state = dm.state_dict()
+    assert state == {"train_loader": {"batches_served": 3}}
+
+    resumed = _setup("lit-cats/cat-memes", batch_size=8)
+    resumed.load_state_dict(state)
+    assert _input_ids(resumed.train_dataloader()) == straight[3:]
+    assert _input_ids(resumed.train_dataloader()) == straight  # applied once, then a new epoch
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_does_not_skip_the_next(tiny_path):
+    dm = _setup("lit-cats/cat-memes", batch_size=8)
+    loader = dm.train_dataloader()
+    everything = _input_ids(loader)
+    loader.load_state_dict(loader.state_dict())  # served the whole epoch
+    assert _input_ids(loader) == everything

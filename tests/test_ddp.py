@@ -1,4 +1,4 @@
-"""Data-parallel training: sharding, the token-weighted loss, and 2-process DDP runs on the CPU."""
+"""Data-parallel training: sharding the data by rank, and 2-process DDP runs on the CPU."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import CONFIGS, tiny_fit_args
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_cats import distributed
 from lit_cats.cli import main
 from lit_cats.data import CatsDataModule
 from lit_cats.data.sampling import (
@@ -24,14 +22,17 @@ from lit_cats.data.sampling import (
     shard_eval_sampler,
     shard_train_sampler,
 )
-from lit_cats.loss import average_tokens_across_ranks
 from lit_cats.tiny import TINY_MODEL_ID
 
 
 def _rank(rank: int, world: int = 2) -> SimpleNamespace:
-    """Just enough of a Trainer for the data path: which rank of how many."""
+    """Just enough of a Trainer for the data path: which rank of how many, on one node."""
     return SimpleNamespace(
-        distributed_sampler_kwargs={"num_replicas": world, "rank": rank}, world_size=world
+        distributed_sampler_kwargs={"num_replicas": world, "rank": rank},
+        world_size=world,
+        num_devices=world,
+        num_nodes=1,
+        accumulate_grad_batches=1,
     )
 
 
@@ -99,35 +100,6 @@ def test_datamodule_ranks_together_see_the_single_process_batches(tiny_path):
     assert sum(len(b["input_ids"]) for v in val_ranks for b in v) == n_single
 
 
-# ------------------------------------------------------------------------------- the loss
-def test_single_process_loss_is_untouched():
-    loss = torch.tensor(2.5, requires_grad=True)
-    out, logged = average_tokens_across_ranks(loss, torch.tensor(7), SimpleNamespace(world_size=1))
-    assert out is loss and logged.item() == 2.5
-
-
-def test_rank_losses_average_to_the_global_token_mean(monkeypatch):
-    # Two ranks with 3 and 9 label tokens; DDP averages the two returned losses' gradients.
-    per_token = [torch.tensor([1.0, 2.0, 3.0]), torch.arange(9, dtype=torch.float32)]
-    totals = torch.tensor([sum(t.sum() for t in per_token), 12.0])
-
-    def all_reduce(tensor, op=None):
-        tensor.copy_(totals)  # what summing both ranks' (loss sum, token count) gives
-
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
-    weights = [torch.tensor(1.0, requires_grad=True) for _ in per_token]
-    trainer = SimpleNamespace(world_size=2)
-    outs = []
-    for w, tokens in zip(weights, per_token, strict=True):
-        loss = (w * tokens).mean()  # each rank's mean over its own tokens, as transformers gives
-        outs.append(average_tokens_across_ranks(loss, torch.tensor(len(tokens)), trainer))
-    global_mean = torch.cat(per_token).mean()
-    assert torch.allclose((outs[0][0] + outs[1][0]) / 2, global_mean)  # DDP's average
-    assert torch.allclose(outs[0][1], global_mean) and torch.allclose(outs[1][1], global_mean)
-    assert not torch.allclose((per_token[0].mean() + per_token[1].mean()) / 2, global_mean)
-
-
 # ------------------------------------------------------------------------------- real DDP runs
 # fp32 end to end, so one process and two agree to ~1e-6; a wrong loss weighting or batch
 # split shows as ~1e-2 (bf16 rounding alone is ~5e-3, which would hide it).
@@ -153,7 +125,7 @@ trainer:
 """
 
 
-def _lit_cats_ddp(cwd: Path, *args: str) -> str:
+def _lit_cats_ddp(cwd: Path, fit_args, *args: str) -> str:
     """Run the console script with 2 CPU processes (Lightning starts the second one)."""
     env = {
         k: v
@@ -163,7 +135,7 @@ def _lit_cats_ddp(cwd: Path, *args: str) -> str:
         and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     }
     script = Path(sys.executable).with_name("lit-cats")
-    cmd = [str(script), *tiny_fit_args(*args)]
+    cmd = [str(script), *fit_args(*args)]
     cmd += ["--trainer.accelerator", "cpu", "--trainer.devices", "2"]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -186,51 +158,44 @@ def _scalars(run: Path, tag: str) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch_and_resume(run_dir):
+def test_two_processes_train_like_one_with_the_same_global_batch(run_dir, configs, fit_args):
     # One process, batch 8, 4 steps.
-    main(tiny_fit_args(*_EXACT, "--trainer.max_steps", "4", "--data.batch_size", "8"))
+    main(fit_args(*_EXACT, "--trainer.max_steps", "4", "--data.batch_size", "8"))
     single = run_dir / "logs" / "tiny-cats" / "version_0"
 
-    # Two processes, batch 4 each: 2 steps, then a resumed run (mid-epoch) to step 4.
+    # Two processes, batch 4 each.
     ddp = run_dir / "ddp"
     ddp.mkdir()
     (ddp / "every2.yaml").write_text(_CHECKPOINT_EVERY_2)
-    common = (*_EXACT, "--config", str(CONFIGS / "ddp.yaml"), "--config", "every2.yaml")
-    first = _lit_cats_ddp(ddp, *common, "--trainer.max_steps", "2", "--data.batch_size", "4")
-    _lit_cats_ddp(
-        ddp, *common, "--trainer.max_steps", "4", "--data.batch_size", "4", "--ckpt_path", "last"
+    common = (*_EXACT, "--config", str(configs / "ddp.yaml"), "--config", "every2.yaml")
+    out = _lit_cats_ddp(
+        ddp, fit_args, *common, "--trainer.max_steps", "4", "--data.batch_size", "4"
     )
     runs = ddp / "logs" / "tiny-cats"
-    resumed = runs / "version_1"
+    run = runs / "version_0"
 
     # The effective batch is reported, once (rank zero).
-    assert first.count("effective batch size: 8 = 4 per device x 2 devices x 1 nodes") == 1
+    assert out.count("effective batch size: 8 = 4 per device x 2 devices x 1 nodes") == 1
 
     # The same adapter as one process (fp32: only summation order differs)...
     lora_b = {k: v for k, v in _adapter(single).items() if "lora_B" in k}  # B starts at 0
-    ddp_b = {k: v for k, v in _adapter(resumed).items() if "lora_B" in k}
+    ddp_b = {k: v for k, v in _adapter(run).items() if "lora_B" in k}
     assert _relative_difference(ddp_b, lora_b) < 1e-4
     # ...the same per-step losses (the logged loss is the global token mean) and validation.
-    assert _scalars(resumed, "train_loss") == pytest.approx(
-        _scalars(single, "train_loss")[2:], rel=1e-5
-    )
-    assert _scalars(resumed, "val_loss") == pytest.approx(_scalars(single, "val_loss"), rel=1e-5)
+    assert _scalars(run, "train_loss") == pytest.approx(_scalars(single, "train_loss"), rel=1e-5)
+    assert _scalars(run, "val_loss") == pytest.approx(_scalars(single, "val_loss"), rel=1e-5)
 
-    # Exactly one set of outputs per run: one version folder, one event file, one adapter.
-    assert sorted(p.name for p in runs.iterdir()) == ["hub-dry-run", "version_0", "version_1"]
-    for version, ckpts in (
-        ("version_0", {"epoch=0-step=2.ckpt", "last.ckpt"}),
-        ("version_1", {"epoch=0-step=4.ckpt", "last.ckpt"}),
-    ):
-        run = runs / version
-        assert len(list(run.glob("events.out.tfevents.*"))) == 1
-        assert {p.name for p in (run / "checkpoints").iterdir()} == ckpts
-        assert (run / "config.yaml").is_file() and (run / "adapter").is_dir()
+    # Exactly one set of outputs: one version folder, one event file, one adapter.
+    assert sorted(p.name for p in runs.iterdir()) == ["hub-dry-run", "version_0"]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1
+    checkpoints = {p.name for p in (run / "checkpoints").iterdir()}
+    assert checkpoints == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"}
+    assert (run / "config.yaml").is_file() and (run / "adapter").is_dir()
     # The Hub push (dry run) holds the final adapter.
     pushed = runs / "hub-dry-run" / "adapter_model.safetensors"
-    assert pushed.read_bytes() == (resumed / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert pushed.read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
     # Throughput counts both ranks' tokens.
-    assert _scalars(resumed, "train_tokens_per_s")
+    assert _scalars(run, "train_tokens_per_s")
 
 
 def _free_port() -> int:
@@ -240,7 +205,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_under_torchrun_write_one_run(run_dir):
+def test_two_nodes_under_torchrun_write_one_run(run_dir, configs, fit_args):
     """Two single-process "nodes" on this machine, started by torchrun as on a cluster."""
     torchrun = Path(sys.executable).with_name("torchrun")
     port = str(_free_port())
@@ -255,9 +220,9 @@ def test_two_nodes_under_torchrun_write_one_run(run_dir):
             f"--master_port={port}",
             "-m",
             "lit_cats.cli",
-            *tiny_fit_args("--trainer.max_steps", "2", "--data.batch_size", "4"),
+            *fit_args("--trainer.max_steps", "2", "--data.batch_size", "4"),
             "--config",
-            str(CONFIGS / "ddp.yaml"),
+            str(configs / "ddp.yaml"),
             "--trainer.accelerator",
             "cpu",
             "--trainer.devices",
@@ -274,43 +239,13 @@ def test_two_nodes_under_torchrun_write_one_run(run_dir):
     assert (runs / "version_0" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-# ------------------------------------------------------------------------------- resume
-def test_datamodule_checkpoints_the_loader_position_for_the_next_loader(tiny_path):
-    # Lightning restores loaders built after the restore only; ours is built before
-    # (estimated_stepping_batches, Lightning-AI/pytorch-lightning#20550), so the datamodule
-    # carries the position to the next loader it builds.
-    dm = CatsDataModule("lit-cats/cat-memes", TINY_MODEL_ID, batch_size=8)
-    dm.setup("fit")
-    straight = _batches(dm.train_dataloader())
-    loader = dm.train_dataloader()
-    for _, _ in zip(range(3), loader, strict=False):
-        pass
-    state = dm.state_dict()
-    assert state == {"train_loader": {"batches_served": 3}}
-
-    resumed = CatsDataModule("lit-cats/cat-memes", TINY_MODEL_ID, batch_size=8)
-    resumed.setup("fit")
-    resumed.load_state_dict(state)
-    assert _batches(resumed.train_dataloader()) == straight[3:]
-    assert _batches(resumed.train_dataloader()) == straight  # applied once, then a new epoch
-
-
-def test_a_checkpoint_at_the_end_of_an_epoch_does_not_skip_the_next(tiny_path):
-    dm = CatsDataModule("lit-cats/cat-memes", TINY_MODEL_ID, batch_size=8)
-    dm.setup("fit")
-    loader = dm.train_dataloader()
-    everything = _batches(loader)
-    loader.load_state_dict(loader.state_dict())  # served the whole epoch
-    assert _batches(loader) == everything
-
-
 @pytest.mark.slow
-def test_two_processes_train_with_compiled_layers_and_packing(run_dir):
-    """fast.yaml + ddp.yaml + model.compile: packed batches sharded by rank, layers compiled."""
-    args = ("--config", str(CONFIGS / "fast.yaml"), "--config", str(CONFIGS / "ddp.yaml"))
-    args += ("--model.compile", "true", "--data.max_tokens_per_batch", "2048")
+def test_two_processes_train_with_compiled_layers_and_packing(run_dir, configs, fit_args):
+    """fast.yaml + ddp.yaml + compiled layers: packed batches sharded by rank, layers compiled."""
+    args = ("--config", str(configs / "fast.yaml"), "--config", str(configs / "ddp.yaml"))
+    args += ("--model.speed.compile", "true", "--data.max_tokens_per_batch", "2048")
     out = _lit_cats_ddp(
-        run_dir, *args, "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1"
+        run_dir, fit_args, *args, "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1"
     )
     assert "recompile_limit" not in out and "Graph break" not in out
     run = run_dir / "logs" / "tiny-cats" / "version_0"

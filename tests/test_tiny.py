@@ -45,7 +45,9 @@ def test_build_is_deterministic_and_cached(tmp_path, tiny_path):
     assert other != tiny_path
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (other / name).read_bytes() == (tiny_path / name).read_bytes()
-    assert tiny_model_path(tmp_path) == other  # second call: cache hit, same folder
+    written = (other / "model.safetensors").stat().st_mtime_ns
+    assert tiny_model_path(tmp_path) == other  # second call: cache hit, same folder...
+    assert (other / "model.safetensors").stat().st_mtime_ns == written  # ...nothing rewritten
 
 
 def test_reserved_name_resolves_and_others_pass_through(tiny_path):

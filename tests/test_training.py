@@ -196,28 +196,54 @@ def test_final_adapter_reloads_with_identical_logits(trained):
     assert torch.equal(expected, got)
 
 
-def test_resume_continues_at_the_step_with_optimizer_state_and_data_order(tmp_path):
-    _, _, uninterrupted = _fit(tmp_path / "straight", max_steps=10)
-    first, _, _ = _fit(tmp_path, max_steps=6, every=3)
+def _torch_adamw(params):
+    return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+
+
+RESUME_CASES = [
+    pytest.param("cpu", _optimizer, id="cpu"),
+    # Paged AdamW has had GPU save/resume bugs (bitsandbytes#782, #1381): check it for real.
+    pytest.param("gpu", _optimizer, id="gpu-paged_adamw", marks=pytest.mark.gpu),
+    pytest.param("gpu", _torch_adamw, id="gpu-adamw", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize(("accelerator", "optimizer"), RESUME_CASES)
+def test_resume_continues_at_the_step_with_optimizer_state_and_data_order(
+    tmp_path, accelerator, optimizer
+):
+    # Same seed for the LoRA init, no dropout: the two runs differ only by the interruption.
+    kw = {"accelerator": accelerator, "optimizer": optimizer, "lora_dropout": 0.0}
+    L.seed_everything(0)
+    _, straight_model, straight = _fit(tmp_path / "straight", max_steps=10, **kw)
+    L.seed_everything(0)
+    first, _, _ = _fit(tmp_path, max_steps=6, every=3, **kw)
     last = Path(first.log_dir) / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
 
-    trainer, _, recorder = _fit(tmp_path, max_steps=10, ckpt_path=str(last))
+    trainer, resumed_model, recorder = _fit(tmp_path, max_steps=10, ckpt_path=str(last), **kw)
     assert recorder.start_step == 6
     assert recorder.start_lr_step == 6
     assert trainer.global_step == 10 and len(recorder.losses) == 4
     # Mid-epoch resume: the next batches are the ones the uninterrupted run saw at steps 7-10.
-    for resumed, straight in zip(recorder.batches, uninterrupted.batches[6:], strict=True):
-        assert torch.equal(resumed, straight)
+    for resumed, uninterrupted in zip(recorder.batches, straight.batches[6:], strict=True):
+        assert torch.equal(resumed, uninterrupted)
     for name, value in ckpt["state_dict"].items():
-        assert torch.equal(recorder.start_lora[name], value), name
+        assert torch.equal(recorder.start_lora[name].cpu(), value), name
     saved, restored = ckpt["optimizer_states"][0]["state"], recorder.start_optimizer["state"]
     assert saved.keys() == restored.keys() and saved
     for idx, state in saved.items():
         for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, restored[idx][key]), (idx, key)
+            if isinstance(value, torch.Tensor) and value.numel() > 1:
+                assert torch.equal(value, restored[idx][key].cpu()), (idx, key)
+    # Same batches, same updates: the adapter the uninterrupted run ends with.
+    expected, got = straight_model.state_dict(), resumed_model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(got[n].abs().sum() > 0 for n in got if "lora_B" in n)
+    for name in expected:
+        # Only GPU reduction order may differ in the last bits.
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=2e-5)
 
 
 def test_checkpoint_from_other_lora_settings_is_refused(tmp_path):
@@ -227,56 +253,8 @@ def test_checkpoint_from_other_lora_settings_is_refused(tmp_path):
         _fit(tmp_path, max_steps=4, ckpt_path=last, target_modules=["qkv_proj"])
 
 
-def test_unknown_target_module_fails_with_the_real_names(tmp_path):
-    with pytest.raises(ValueError, match=r"\['q_proj'\].*'qkv_proj'"):
-        _fit(tmp_path, max_steps=1, target_modules=["q_proj", "o_proj"])
-
-
-def test_missing_model_path_is_named():
-    module = QLoRAModule("./no/such/model")
-    with pytest.raises(FileNotFoundError, match="'./no/such/model' does not exist"):
-        module.configure_model()
-
-
-def test_unreachable_hub_model_says_how_to_use_a_local_folder():
-    module = QLoRAModule("microsoft/Phi-3-mini-4k-instruct")
-    with pytest.raises(RuntimeError, match="Could not load model.*local folder"):
-        module.configure_model()
-
-
 def test_bad_hyperparameters_fail_at_construction():
     with pytest.raises(ValueError, match="rank"):
         QLoRAModule(TINY_MODEL_ID, r=0)
     with pytest.raises(ValueError, match="'fp8'"):
         QLoRAModule(TINY_MODEL_ID, bnb_4bit_compute_dtype="fp8")
-
-
-def _torch_adamw(params):
-    return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("optimizer", [_optimizer, _torch_adamw], ids=["paged_adamw", "adamw"])
-def test_gpu_resume_matches_an_uninterrupted_run(tmp_path, optimizer):
-    """Paged AdamW has had GPU save/resume bugs (bitsandbytes#782, #1381): check it for real."""
-    # Same seed for the LoRA init, no dropout: the two runs differ only by the interruption.
-    kw = {"accelerator": "gpu", "optimizer": optimizer, "lora_dropout": 0.0}
-    L.seed_everything(0)
-    _, straight_model, _ = _fit(tmp_path / "straight", max_steps=10, **kw)
-    L.seed_everything(0)
-    first, _, _ = _fit(tmp_path, max_steps=6, every=3, **kw)
-    last = Path(first.log_dir) / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    trainer, resumed_model, recorder = _fit(tmp_path, max_steps=10, ckpt_path=str(last), **kw)
-    assert recorder.start_step == 6 and trainer.global_step == 10
-    for idx, state in ckpt["optimizer_states"][0]["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.numel() > 1:
-                restored = recorder.start_optimizer["state"][idx][key].cpu()
-                assert torch.equal(value, restored), (idx, key)
-    expected, got = straight_model.state_dict(), resumed_model.state_dict()
-    assert expected.keys() == got.keys()
-    assert all(got[n].abs().sum() > 0 for n in got if "lora_B" in n)
-    for name in expected:
-        # Same batches, same updates; only GPU reduction order may differ in the last bits.
-        torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=2e-5)

@@ -1,4 +1,5 @@
-"""The 4-bit and LoRA builders, and the target-module check that the original lacked."""
+"""The QLoRA recipe (``lit_cats.recipe``): the 4-bit and LoRA builders, the target-module check
+that the original lacked, and loading the base with advice when it cannot be found."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lit_cats.recipe import (
     build_bnb_config,
     build_lora_config,
     linear_module_names,
+    load_base,
     parse_dtype,
     require_bitsandbytes,
     resolve_target_modules,
@@ -43,11 +45,6 @@ def test_the_original_target_list_is_refused_and_the_real_names_listed(base):
         assert name in message
     for name in PHI3_LINEARS:
         assert name in message
-
-
-def test_a_single_unknown_target_is_refused(base):
-    with pytest.raises(ValueError, match="'attn'"):
-        resolve_target_modules(base, ["attn"])
 
 
 def test_explicit_existing_targets_pass(base):
@@ -85,3 +82,14 @@ def test_missing_bitsandbytes_gives_the_fix(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="load_in_4bit false"):
         require_bitsandbytes()
+
+
+def test_missing_model_path_is_named():
+    with pytest.raises(FileNotFoundError, match="'./no/such/model' does not exist"):
+        load_base("./no/such/model")
+
+
+def test_unreachable_hub_model_says_how_to_use_a_local_folder():
+    # conftest sets HF_HUB_OFFLINE=1: the Hub is unreachable, as on an air-gapped machine.
+    with pytest.raises(RuntimeError, match="Could not load model.*local folder"):
+        load_base("microsoft/Phi-3-mini-4k-instruct")
