@@ -8,18 +8,17 @@ step into one row of up to ``max_tokens`` tokens, with no padding at all:
   as they would alone;
 - attention stays inside each example, over the cumulative sequence lengths ``cu_seq_lens``:
   on Hopper GPUs with Triton kernels sized for short examples
-  (:mod:`lit_cats.fast.packed_attention`: 1.4x FlashAttention-2's speed, forward and backward, at
-  32-256 tokens on an H100), on other GPUs with variable-length FlashAttention-2
+  (:mod:`lit_cats.fast.packed_attention`), on other GPUs with variable-length FlashAttention-2
   (``torch.nn.attention.varlen``), elsewhere with one causal SDPA call per example (tests, CPU: a
   custom op, so ``torch.compile``d layers keep it whole).
   A row whose examples all have the same length (fixed-length chunks of a long text) is one
-  batch of equal sequences: one batched causal attention call, through cuDNN on Hopper GPUs
-  (1.4x FlashAttention-2's speed at 1,024 tokens on an H100: ``benchmarks/RESULTS.md``);
+  batch of equal sequences: one batched causal attention call, through cuDNN on Hopper GPUs.
+  Each GPU choice was measured faster than FlashAttention-2 there (``benchmarks/RESULTS.md``);
 - the first token of every example carries no label, so no example learns to predict the next
   example's first token, and the mean loss equals the unpacked batch's loss over the same tokens.
 
 The attention function is registered with transformers as :data:`VARLEN_ATTENTION` and used only
-for packed training batches (:class:`~lit_cats.model.QLoRAModule` switches to it around each
+for packed training batches (:meth:`lit_cats.fast.SpeedKit.prepare_step` switches to it for each
 packed step, gradient checkpointing's recompute included); everything else keeps the configured
 backend. It needs no attention mask, so transformers builds none (no ``T x T`` mask, no host sync).
 """
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from transformers import AttentionInterface
 
 from lit_cats.fast import packed_attention
@@ -102,21 +101,19 @@ def segmented_causal_attention(
 
 
 @segmented_causal_attention.register_fake
-def _(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
-) -> torch.Tensor:
+def _(q, k, v, cu, scale):
     return torch.empty_like(q)
+
+
+def _fake_gradients(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake kernel of every attention backward op here: gradients shaped as q, k and v."""
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.custom_op("lit_cats::segmented_causal_attention_backward", mutates_args=())
 def _segmented_attention_backward(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`segmented_causal_attention`, recomputed per example (fp32 at least).
 
     Written out (autograd does not run inside a custom op): ``P = softmax(q k^T s)``,
@@ -140,15 +137,8 @@ def _segmented_attention_backward(
 
 
 @_segmented_attention_backward.register_fake
-def _(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad, q, k, v, cu, scale):
+    return _fake_gradients(q, k, v)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -171,7 +161,7 @@ segmented_causal_attention.register_autograd(_backward, setup_context=_setup_con
 _CUDNN_DEVICES: dict[int, bool] = {}
 
 #: CUDA device index -> whether :mod:`lit_cats.fast.packed_attention`'s Triton kernels serve packed
-#: rows of unequal examples there (Hopper: measured faster than FlashAttention-2 on an H100;
+#: rows of unequal examples there (Hopper: measured faster than FlashAttention-2 there;
 #: elsewhere unmeasured), read once at registration.
 _TRITON_DEVICES: dict[int, bool] = {}
 
@@ -183,7 +173,7 @@ def _packed_kernels_apply(q: torch.Tensor) -> bool:
 def _cudnn_attention_applies(q: torch.Tensor) -> bool:
     """Whether cuDNN's fused attention serves batched causal attention of ``q``'s kind here.
 
-    Hopper only: measured faster than FlashAttention-2 there (H100); elsewhere unmeasured.
+    Hopper only: measured faster than FlashAttention-2 there; elsewhere unmeasured.
     """
     return (
         q.is_cuda
@@ -235,15 +225,9 @@ def _(q, k, v, count, scale):
 
 @torch.library.custom_op("lit_cats::cudnn_causal_attention_backward", mutates_args=())
 def _cudnn_causal_attention_backward(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    count: int,
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, count: int,
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of :func:`_cudnn_causal_attention` (cuDNN's fused backward)."""
     length = q.shape[0] // count
     unused = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout's seed and offset
@@ -266,7 +250,7 @@ def _cudnn_causal_attention_backward(
 
 @_cudnn_causal_attention_backward.register_fake
 def _(grad, q, k, v, out, lse, count, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _fake_gradients(q, k, v)
 
 
 def _cudnn_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

@@ -1,8 +1,8 @@
 """Fewer, fused kernels for the elementwise work between the matmuls: Liger and torch.compile.
 
-On packed 16k-token steps the 4-bit matmuls already run near the GPU's peak; about half of the
-step is elementwise glue around them: RMSNorm, the SwiGLU gate, rotary embeddings (profile in
-benchmarks/RESULTS.md). Liger (linkedin/Liger-Kernel) fuses each of those into one kernel with
+On large packed steps the 4-bit matmuls already run near the GPU's peak; much of the rest of
+the step is elementwise glue around them: RMSNorm, the SwiGLU gate, rotary embeddings (profile
+in benchmarks/RESULTS.md). Liger (linkedin/Liger-Kernel) fuses each of those into one kernel with
 a hand-written backward. CUDA only (Triton); an optional dependency: ``pip install liger-kernel``.
 ``torch.compile`` of each decoder layer (:func:`compile_decoder_layers`) fuses the same work and
 the rest of it (dtype casts, LoRA dropout) with no extra package, on CUDA and the CPU.
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lit_cats.fast import lora_dropout
-from lit_cats.fast.nf4 import mark_layer_output, recomputing, trace_nf4_layers
+from lit_cats.fast import recompute
+from lit_cats.fast.nf4 import mark_layer_output, trace_nf4_layers
 
 
 def apply_liger_kernels(model: nn.Module) -> None:
@@ -39,15 +39,15 @@ def apply_liger_kernels(model: nn.Module) -> None:
     """
     if importlib.util.find_spec("liger_kernel") is None:
         raise ImportError(
-            "model.liger_kernels=true needs the 'liger-kernel' package: pip install "
-            "'lit-cats[liger]' (or liger-kernel), or set --model.liger_kernels false."
+            "model.speed.liger_kernels=true needs the 'liger-kernel' package: pip install "
+            "'lit-cats[liger]' (or liger-kernel), or set --model.speed.liger_kernels false."
         )
     if not _is_phi3(model):
-        raise ValueError("model.liger_kernels supports Phi-3 models only; set it to false.")
+        raise ValueError("model.speed.liger_kernels supports Phi-3 models only; set it to false.")
     if next(model.parameters()).device.type != "cuda":
         raise ValueError(
-            "model.liger_kernels needs a CUDA GPU (Liger's kernels are Triton); set it to false "
-            "on this machine."
+            "model.speed.liger_kernels needs a CUDA GPU (Liger's kernels are Triton); set it to "
+            "false on this machine."
         )
     from liger_kernel.transformers import apply_liger_kernel_to_phi3
     from transformers.models.phi3 import modeling_phi3
@@ -59,7 +59,7 @@ def apply_liger_kernels(model: nn.Module) -> None:
         rms_norm=True,
         swiglu=True,
         cross_entropy=False,
-        fused_linear_cross_entropy=False,  # lit-cats has its own chunked loss (losses.py)
+        fused_linear_cross_entropy=False,  # lit-cats has its own chunked loss (chunked_loss.py)
         model=model,
     )
     for name, cls in classes.items():
@@ -80,7 +80,7 @@ def compile_decoder_layers(model: nn.Module, keep_dequantized_weights: bool = Fa
     (:mod:`lit_cats.fast.lora_dropout`); on small ones (batch 2, where the host is the
     bottleneck) they are torch ops that compile into one dequantization kernel each
     (:mod:`lit_cats.fast.nf4`), and the dropout is the compiler's own (:mod:`lit_cats.fast.lora`).
-    The first steps pay the compilation (about a minute); shapes that vary from step to step
+    The first steps pay the compilation; shapes that vary from step to step
     (packed rows, padded batches) are compiled once more, as dynamic shapes, and a run that
     meets both small and large steps compiles each once. With checkpointing, each layer's rerun
     in the backward skips Phi-3's MLP ``down_proj`` on large steps and reuses the forward's
@@ -94,14 +94,14 @@ def compile_decoder_layers(model: nn.Module, keep_dequantized_weights: bool = Fa
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(
-            "model.compile=true compiles the decoder layers (model.model.layers) and found "
+            "model.speed.compile=true compiles the decoder layers (model.model.layers) and found "
             f"none in {type(model).__name__}; set it to false."
         )
     on_cpu = next(model.parameters()).device.type == "cpu"
     if on_cpu and not has_cxx_compiler():
         raise ValueError(
-            "model.compile=true on the CPU needs a C++ compiler for torch.compile's generated "
-            "code (e.g. apt install g++); install one or set --model.compile false."
+            "model.speed.compile=true on the CPU needs a C++ compiler for torch.compile's "
+            "generated code (e.g. apt install g++); install one or set --model.speed.compile false."
         )
     _refuse_liger_rope(model)
     phi3 = _is_phi3(model)
@@ -120,43 +120,47 @@ def checkpoint_around(layer: nn.Module) -> bool:
     """Take a compiled decoder layer's gradient checkpointing from transformers and put it
     around the layer's compiled call. Returns whether the layer had checkpointing.
 
-    transformers checkpoints around the layer's ``__call__`` before 5.2x and around its
-    ``forward`` after, which puts the checkpoint outside or inside the compiled code depending
-    on the version. Inside, the compiled graph would skip recomputing what backward never reads,
-    but torch 2.11's Inductor fails to compile Phi-3's layer that way ("Node add_356 was
-    invalid, but is output", H200, benchmarks/RESULTS.md; torch 2.13 on the CPU compiles it).
-    Around, as measured throughout RESULTS.md, works on every version here.
+    transformers checkpoints around the layer's ``__call__`` in some versions and around its
+    ``forward`` in others, which puts the checkpoint outside or inside the compiled code. Inside,
+    the compiled graph would skip recomputing what backward never reads, but some torch versions'
+    Inductor fail to compile Phi-3's layer that way (benchmarks/RESULTS.md). Around works on
+    every version here.
 
-    The backward's rerun of the layer happens inside :func:`lit_cats.fast.nf4.recomputing`, so the
-    matmuls whose output the backward never reads (:func:`lit_cats.fast.nf4.mark_layer_output`) are
-    skipped on large steps.
+    The checkpoint's contexts are :func:`lit_cats.fast.recompute.checkpoint_contexts`: the
+    backward's rerun skips the matmuls whose output it never reads
+    (:func:`lit_cats.fast.nf4.mark_layer_output`) on large steps, and reuses the forward's LoRA-A
+    outputs of the seeded dropout op (:mod:`lit_cats.fast.lora_dropout`).
     """
     if not getattr(layer, "gradient_checkpointing", False):
         return False
     layer.gradient_checkpointing = False  # transformers' wrapper now passes straight through
-    compiled = layer._compiled_call_impl
-    layer._compiled_call_impl = functools.partial(_checkpointed_call, layer, compiled)
+    _wrap_compiled_call(
+        layer, lambda compiled: functools.partial(_checkpointed_call, layer, compiled)
+    )
     return True
+
+
+def _wrap_compiled_call(layer: nn.Module, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace the compiled call of a module compiled in place (``nn.Module.compile``) with
+    ``wrap(compiled_call)``.
+
+    ``nn.Module.compile`` keeps the compiled callable in the private ``_compiled_call_impl`` and
+    has no public hook to wrap it; checkpointing over the compiled call (not inside it) is the
+    combination discussed in pytorch/pytorch#131062. This is the only place that touches it.
+    """
+    layer._compiled_call_impl = wrap(layer._compiled_call_impl)
 
 
 def _checkpointed_call(layer: nn.Module, compiled: Callable, *args: Any, **kwargs: Any) -> Any:
     if layer.training and torch.is_grad_enabled():
-        return checkpoint(compiled, *args, use_reentrant=False, context_fn=_rerun_context, **kwargs)
+        return checkpoint(
+            compiled,
+            *args,
+            use_reentrant=False,
+            context_fn=recompute.checkpoint_contexts,
+            **kwargs,
+        )
     return compiled(*args, **kwargs)
-
-
-def _rerun_context() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """checkpoint's contexts for one call: the forward keeps the LoRA-A outputs of the fused
-    dropout op; the backward's rerun reuses them (:func:`lit_cats.fast.lora_dropout.checkpoint_contexts`)
-    and runs inside :func:`recomputing`."""
-    keep, reuse = lora_dropout.checkpoint_contexts()
-    return keep, _rerun(reuse)
-
-
-@contextlib.contextmanager
-def _rerun(reuse: contextlib.AbstractContextManager) -> Iterator[None]:
-    with recomputing(), reuse:
-        yield
 
 
 def has_cxx_compiler() -> bool:
@@ -166,7 +170,7 @@ def has_cxx_compiler() -> bool:
 
 def _refuse_liger_rope(model: nn.Module) -> None:
     """Liger's rotary kernel, once applied, is Phi-3's for the whole process; Dynamo cannot
-    trace it, and every compiled layer would break its graph there (seen on an H100)."""
+    trace it, and every compiled layer would break its graph there."""
     if not _is_phi3(model):
         return
     from transformers.models.phi3 import modeling_phi3
@@ -174,8 +178,8 @@ def _refuse_liger_rope(model: nn.Module) -> None:
     rope = getattr(modeling_phi3, "apply_rotary_pos_emb", None)
     if "liger" in getattr(rope, "__module__", ""):
         raise ValueError(
-            "model.compile=true cannot trace Liger's rotary kernel, which an earlier "
-            "model.liger_kernels=true model installed for every Phi-3 in this process. "
+            "model.speed.compile=true cannot trace Liger's rotary kernel, which an earlier "
+            "model.speed.liger_kernels=true model installed for every Phi-3 in this process. "
             "Compile in a fresh process, or keep liger_kernels and set compile false."
         )
 
@@ -186,7 +190,7 @@ def eager_layers() -> Iterator[None]:
 
     The layers are compiled for the training step. Evaluation (no grad) and decoding with a KV
     cache (a new cache state at every position) would each compile new graphs: up to a minute
-    apiece on a GPU, and past Dynamo's recompile limit within a few sampled generations.
+    apiece, and past Dynamo's recompile limit within a few sampled generations.
     """
     if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: nothing to switch
         yield
@@ -202,10 +206,8 @@ def _is_phi3(model: nn.Module) -> bool:
 def keep_activations(model: nn.Module, layers: int) -> None:
     """Turn gradient checkpointing off for the last ``layers`` decoder layers of ``model``, whose
     checkpointing transformers has enabled: they keep their activations for the backward instead
-    of running their forward twice. Memory for speed: on Phi-3-mini at 16k tokens a layer keeps
-    about 1.1 GiB and saves up to ~0.8% of a checkpointed step on an H100, about the spread
-    between runs (benchmarks/RESULTS.md, round 8).
-    The last layers, because the backward reaches them first and frees what they kept before
+    of running their forward twice: memory for speed (measured in benchmarks/RESULTS.md). The
+    last layers, because the backward reaches them first and frees what they kept before
     any checkpointed layer reruns.
 
     Raises:
@@ -214,13 +216,14 @@ def keep_activations(model: nn.Module, layers: int) -> None:
     found = _decoder_layers(model)
     if not found:
         raise ValueError(
-            "model.uncheckpointed_layers needs the decoder layers (model.model.layers) and found "
-            f"none in {type(model).__name__}; set it to 0."
+            "model.speed.uncheckpointed_layers needs the decoder layers (model.model.layers) and "
+            f"found none in {type(model).__name__}; set it to 0."
         )
     if layers > len(found):
         raise ValueError(
-            f"model.uncheckpointed_layers is {layers}, but the model has {len(found)} decoder "
-            f"layers: set it to at most {len(found)} (that many is gradient_checkpointing: false)."
+            f"model.speed.uncheckpointed_layers is {layers}, but the model has {len(found)} "
+            f"decoder layers: set it to at most {len(found)} (that many is gradient_checkpointing: "
+            "false)."
         )
     for layer in found[len(found) - layers :]:
         layer.gradient_checkpointing = False

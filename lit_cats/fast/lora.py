@@ -6,25 +6,24 @@ over a ``(tokens, out_features)`` tensor per layer, forward and backward. Here t
 is accumulated into the base output by the GEMM itself: ``result.addmm_(dropout(x) @ A.T, B.T,
 alpha=scaling)``, in place, with no clone and no copy (the 4-bit matmul's autograd node keeps
 its inputs, not its output, so the result needs no protection; an out-of-place ``addmm`` would
-first copy the whole output, 43 ms of a 16k-token step on an H100).
+first copy the whole output).
 
 Inside a ``torch.compile``d layer, where in-place updates of graph intermediates become copies:
 on large steps over a 4-bit base, the base matmul and the update are one custom op
-(:func:`lit_cats.fast.nf4.linear_4bit_lora`), so there is nothing to copy (H100, one process: 16k-token
-steps without checkpointing 26,671 -> 27,660 tokens/s). Elsewhere (small steps, other bases) it
-is the out-of-place ``addmm``, chosen over ``result + scaling * (h @ B.T)`` (which Inductor folds
-into the next elementwise kernel) before that op existed: the same speed on 16k-token steps and
-0.11 GiB less peak memory at 4,096 tokens, as no update tensor lives beside the output.
+(:func:`lit_cats.fast.nf4.linear_4bit_lora`), so there is nothing to copy. Elsewhere (small
+steps, other bases) it is the out-of-place ``addmm``, chosen over ``result + scaling * (h @
+B.T)`` (which Inductor folds into the next elementwise kernel): as fast, and no update tensor
+lives beside the output.
 
 On CUDA, in training, ``lora_A(dropout(x))`` is one op whose dropout mask is drawn inside the
-matmul and never stored (:mod:`lit_cats.fast.lora_dropout`): the same dropout in distribution (the
-same rate, unbiased, independent per element), a different random stream from torch's. Inside
-compiled layers on large steps, that op and the 4-bit one are a single op
-(:func:`lit_cats.fast.nf4.dropout_linear_4bit_lora`), so that the backward sums the two gradients
-of ``x`` in the base GEMM's epilogue rather than in a separate pass. Compiled steps of at most
-:data:`lit_cats.fast.nf4.MAX_TOKENS` tokens keep the compiler's own dropout instead: they are
-host-bound, and the op's dispatch costs more there than it saves (H100, batch 2 of short texts,
-one process: 0.32-0.34 -> 0.24-0.26 s/step; benchmarks/RESULTS.md, round 8).
+matmul and never stored (:mod:`lit_cats.fast.lora_dropout`): the same dropout in distribution
+(the same rate, unbiased, independent per element), a different random stream from torch's.
+Inside compiled layers on large steps, that op and the 4-bit one are a single op
+(:func:`lit_cats.fast.nf4.dropout_linear_4bit_lora`), so that the backward sums the two
+gradients of ``x`` in the base GEMM's epilogue rather than in a separate pass. Compiled steps of
+at most :data:`lit_cats.fast.nf4.MAX_TOKENS` tokens keep the compiler's own dropout instead: they
+are host-bound, and the op's dispatch costs more there than it saves. Each choice is measured in
+benchmarks/RESULTS.md.
 
 Same function, same parameters, same dropout; only rounding differs (the update is added in the
 GEMM's fp32 accumulator instead of after a round to bf16). Layers in any other state (adapters

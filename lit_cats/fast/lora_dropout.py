@@ -1,11 +1,11 @@
 """LoRA's input dropout inside the LoRA-A matmul: the mask is drawn from a seed, never stored.
 
 peft computes ``lora_A(dropout(x))``: a kernel draws one random number per element of ``x``,
-writes the dropped copy and a mask, and the backward reads both. On Phi-3-mini that is four
-``(tokens, 3072..8192)`` masks per layer, drawn twice per checkpointed step (forward and rerun).
-Here ``dropout(x) @ A.T`` is one op (:func:`dropout_lora_a`): on CUDA a Triton kernel reads
-``x`` once, draws the mask as it goes and multiplies by ``A`` in the same pass. Its backward is
-one kernel too: it draws the same mask again from the same seed and writes the gradient of ``x``
+writes the dropped copy and a mask, and the backward reads both: a ``(tokens, in_features)``
+mask per LoRA layer, drawn twice per checkpointed step (forward and rerun). Here
+``dropout(x) @ A.T`` is one op (:func:`dropout_lora_a`): on CUDA a Triton kernel reads ``x``
+once, draws the mask as it goes and multiplies by ``A`` in the same pass. Its backward is one
+kernel too: it draws the same mask again from the same seed and writes the gradient of ``x``
 while it sums the gradient of ``A``. Nothing of size ``(tokens, in_features)`` is stored but
 ``x`` itself.
 
@@ -18,13 +18,9 @@ exact inverse of the keep probability: unbiased, with ``p`` rounded to a multipl
 (0.05 becomes 0.050003). Every draw depends on the seed and the position only, so a checkpointed
 layer's rerun and the backward see the very mask the forward used; the seed comes from torch's
 generator, whose state checkpointing saves and restores. Inside compiled, checkpointed layers
-the rerun does not even draw again: it reuses the forward's outputs
-(:func:`checkpoint_contexts`, 2 MB per Phi-3 layer at 16k tokens).
-
-Measured on an H100, side by side in one process (benchmarks/RESULTS.md, round 5), together
-with the base-GEMM-last LoRA update of :func:`lit_cats.fast.nf4.linear_4bit_lora`: checkpointed
-16k-token steps of short texts 19,205-19,424 -> 20,768-21,210 tokens/s, 1,024-token texts
-18,209 -> 20,149, without checkpointing 27,386 -> 29,124 (peak 63.1 -> 51.6 GiB).
+the rerun does not even draw again: it reuses the forward's outputs, ``(tokens, rank)`` each
+(:func:`lit_cats.fast.recompute.checkpoint_contexts`). What it buys is measured in
+benchmarks/RESULTS.md.
 
 :func:`keep_mask` computes the same mask with torch ops, bit for bit (tested against the kernels
 on a GPU); the op runs on it where there is no Triton (the CPU).
@@ -32,14 +28,12 @@ on a GPU); the op runs on it where there is no Triton (the CPU).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from lit_cats.fast import recompute
 
 
 def threshold(p: float) -> int:
@@ -181,9 +175,8 @@ if triton is not None:
         tl.store(ga_ptr + (split * RP + ranks[:, None]) * K + cols[None, :], acc)
 
 
-# Rows x columns per tile, chosen on an H100 (16k rows, widths 3072 and 8192; RESULTS.md):
-# the forward at 64 x 128 took 151 us at width 8192, at 32 x 128 133 us; the backward at
-# 64 x 128 324 us, at 64 x 64 258 us.
+# Rows x columns per tile, the fastest of those tried at 16k rows and Phi-3's widths (3072, 8192)
+# (measured in benchmarks/RESULTS.md).
 _FORWARD_TILE, _BACKWARD_TILE = (32, 128), (64, 64)
 _WIDTH_MULTIPLE = 128
 
@@ -259,33 +252,6 @@ def _triton_backward(
     return grad_x, grad_a
 
 
-# ------------------------------------------------------- checkpointing: the rerun reuses outputs
-_state = threading.local()  # the backward's rerun runs on autograd's thread: per thread
-
-
-@contextlib.contextmanager
-def _stash_mode(mode: str, outputs: collections.deque) -> Iterator[None]:
-    before = getattr(_state, "stash", None)
-    _state.stash = (mode, outputs)
-    try:
-        yield
-    finally:
-        _state.stash = before
-
-
-def checkpoint_contexts() -> tuple[
-    contextlib.AbstractContextManager, contextlib.AbstractContextManager
-]:
-    """Contexts for one checkpointed call of a layer: inside the first (its forward), the op
-    keeps a copy of each output (``(tokens, rank)``: 2 MB per Phi-3 layer at 16k tokens); inside
-    the second (the backward's rerun of that call), it hands them back, in the same order,
-    instead of reading ``x`` and drawing the mask again. The rerun computes the same ``x`` and
-    draws from the same seed, so the values are the very ones it would compute; an output
-    whose shape does not match ends the reuse, and the op computes from there on."""
-    outputs: collections.deque = collections.deque()
-    return _stash_mode("keep", outputs), _stash_mode("reuse", outputs)
-
-
 # -------------------------------------------------------------------------------- the ops
 @torch.library.custom_op("lit_cats::dropout_lora_a", mutates_args=())
 def dropout_lora_a(
@@ -293,7 +259,7 @@ def dropout_lora_a(
 ) -> torch.Tensor:
     """``dropout(x, p) @ lora_a.T`` for a 2-D ``x``, in ``x``'s dtype, the mask drawn from
     ``seed`` (a 1-element int64 tensor) and never stored (:func:`keep_mask` is that mask)."""
-    mode, outputs = getattr(_state, "stash", None) or (None, None)
+    mode, outputs = recompute.stash() or (None, None)  # inside a checkpointed call: its outputs
     if mode == "reuse" and outputs:
         kept = outputs.popleft()
         if kept.shape == (x.shape[0], lora_a.shape[0]) and kept.device == x.device:

@@ -3,66 +3,76 @@ custom op with the LoRA update folded into the matmul on large ones.
 
 bitsandbytes runs each 4-bit matmul through Python: its ``gemm_4bit`` custom op dequantizes
 the weight (two kernels with double quantization) and calls ``linear``, and every step goes
-through the ``Params4bit`` tensor subclass. On an H100 that is ~185 us of host time per call,
-384 calls per checkpointed step (forward, recompute, backward): at batch 2 the GPU waits on it
-(profile in benchmarks/RESULTS.md). Inside a ``torch.compile``d layer the same arithmetic, as
-torch ops, becomes one generated dequantization kernel per matmul, launched from the compiled
-code with no Python in between.
+through the ``Params4bit`` tensor subclass. That host time is paid three times per checkpointed
+step (forward, recompute, backward), and on small steps the GPU waits on it (profile in
+benchmarks/RESULTS.md). Inside a ``torch.compile``d layer the same arithmetic, as torch ops,
+becomes one generated dequantization kernel per matmul, launched from the compiled code with no
+Python in between.
 
 The arithmetic is bitsandbytes' own (``dequantize_4bit``): two 4-bit codes per byte, high
 nibble first, each looked up in the 16-value NF4 code and scaled by its block's absmax; with
 double quantization the absmax values are themselves 8-bit codes, scaled per block of 256 and
-offset. On the CPU the result is bit-identical to bitsandbytes' (tests/test_speed.py).
+offset. On the CPU the result is bit-identical to bitsandbytes' (tests/test_fast_nf4.py).
 
 The backward dequantizes again, as bitsandbytes does: only the packed weight is kept for it,
-not the 16-bit one (unless :func:`trace_nf4_layers` is told to keep it, on large steps). Weights in
-any other layout (FP4, other storage types, CPU-packed) keep bitsandbytes' path.
+not the 16-bit one (unless :func:`trace_nf4_layers` is told to keep it, on large steps). Weights
+in any other layout (FP4, other storage types, CPU-packed) keep bitsandbytes' path.
 
 Only steps of at most :data:`MAX_TOKENS` tokens take this path; larger ones are GPU-bound, where
 a hand-written dequantization kernel is the faster one and frees each weight as soon as its
 matmul is done: bitsandbytes' on the CPU, on CUDA one Triton kernel that also decodes the
-double-quantized absmax on the way (:func:`_dequantize_triton`: 42-54 us per Phi-3-mini weight
-on an H100 against bitsandbytes' 86 us for its two kernels and an add; bit-identical). The
-torch-op path, measured side by side on an H100 (benchmarks/RESULTS.md), compiled layers: batch
-2 of short texts 0.226 -> 0.182 s/step; packed 16k-token steps 18,202 -> 17,884 tokens/s and
-4,096-token steps 3.97 -> 4.13 GiB peak, had they taken it too. On those large steps a LoRA
-layer's base matmul and its update are one custom op instead (:func:`linear_4bit_lora`): the
-small update GEMM writes the output and the base GEMM adds into it in place (beta = 1), which
-traced code could not do without first copying that output. When checkpointing reruns a layer
-in the backward, that op skips the matmuls whose output the backward never reads
-(:func:`mark_layer_output`): +3-6% per checkpointed 16k-token step on an H100.
+double-quantized absmax on the way (:func:`_dequantize_triton`, bit-identical to bitsandbytes'
+two kernels and an add). On those large steps a LoRA layer's base matmul and its update are one
+custom op instead (:func:`linear_4bit_lora`): the small update GEMM writes the output and the
+base GEMM adds into it in place (beta = 1), which traced code could not do without first
+copying that output. When checkpointing reruns a layer in the backward, that op skips the
+matmuls whose output the backward never reads (:func:`mark_layer_output`). Each choice is
+measured in benchmarks/RESULTS.md.
+
+The seven arguments that carry a 4-bit weight (:class:`NF4Weight`) are spelled out in every
+custom op's signature, as ``torch.library`` ops need explicit tensor arguments; Python code
+passes them as one :class:`NF4Weight`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 import types
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from lit_cats.fast import lora_dropout
+from lit_cats.fast import lora_dropout, recompute
 
 #: Largest step, in tokens, whose compiled 4-bit matmuls run as torch ops (see above).
 MAX_TOKENS = 2048
 
-_state = threading.local()  # backward runs on autograd's worker thread: the flag is per thread
 
+class NF4Weight(NamedTuple):
+    """A 4-bit weight as the large-step ops take it, in their argument order: packed codes,
+    absmax, double quantization's absmax scale, absmax code and offset (None without it), the
+    ``(out_features, in_features)`` shape and the block size."""
 
-@contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    """Mark a checkpointed layer's second forward, the one the backward runs to rebuild its
-    activations (set by :func:`lit_cats.fast.compile.checkpoint_around`)."""
-    before = getattr(_state, "recomputing", False)
-    _state.recomputing = True
-    try:
-        yield
-    finally:
-        _state.recomputing = before
+    packed: Tensor
+    absmax: Tensor
+    absmax_scale: Tensor | None
+    absmax_code: Tensor | None
+    offset: Tensor | None
+    shape: list[int]
+    blocksize: int
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> NF4Weight:
+        """A bitsandbytes ``Linear4bit`` layer's weight."""
+        state = layer.weight.quant_state
+        return cls(*_quantized(layer), list(state.shape), state.blocksize)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """The large-step dequantization: one Triton kernel on CUDA, else bitsandbytes'."""
+        if triton is not None and self.packed.is_cuda:
+            return _dequantize_triton(*self, dtype)
+        return _dequantize_bnb(self, dtype)
 
 
 def mark_layer_output(layer: nn.Module) -> None:
@@ -136,8 +146,7 @@ class _NF4Linear(torch.autograd.Function):
 
 
 def _quantized(layer: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    """The weight's tensors in the order every op here takes them: packed codes, absmax, then
-    double quantization's absmax scale, absmax code and offset (None without it)."""
+    """The weight's tensors in :class:`NF4Weight`'s order (its first five fields)."""
     state = layer.weight.quant_state
     if not state.nested:
         return layer.weight, state.absmax, None, None, None
@@ -210,16 +219,11 @@ def _nf4_code(device: torch.device) -> torch.Tensor:
 # A custom op: the backward of linear_4bit_lora is traced with fake tensors when compiled.
 @torch.library.custom_op("lit_cats::dequantize_nf4", mutates_args=())
 def _dequantize_triton(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
+    packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_code: Tensor | None,
+    offset: Tensor | None, shape: list[int], blocksize: int,  # an NF4Weight
     dtype: torch.dtype,
-) -> torch.Tensor:
-    """:func:`_dequantize_bnb`'s result, bit for bit, in one kernel (tests/test_speed.py)."""
+) -> Tensor:  # fmt: skip
+    """:func:`_dequantize_bnb`'s result, bit for bit, in one kernel (tests/test_fast_nf4.py)."""
     numel = shape[0] * shape[1]
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     nested = absmax_scale is not None
@@ -240,103 +244,73 @@ def _(packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize, dtype
     return packed.new_empty(shape, dtype=dtype)
 
 
-def _dequantize(*weight: Any) -> torch.Tensor:
-    """The large-step dequantization: one Triton kernel on CUDA, else bitsandbytes'."""
-    if triton is not None and weight[0].is_cuda:
-        return _dequantize_triton(*weight)
-    return _dequantize_bnb(*weight)
-
-
-def _dequantize_bnb(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def _dequantize_bnb(weight: NF4Weight, dtype: torch.dtype) -> Tensor:
     """bitsandbytes' own kernels: the (nested) absmax, then the weight."""
-    if absmax_scale is not None:
+    absmax = weight.absmax
+    if weight.absmax_scale is not None:
         absmax = torch.ops.bitsandbytes.dequantize_blockwise(
-            absmax, absmax_scale, absmax_code, 256, torch.float32
+            absmax, weight.absmax_scale, weight.absmax_code, 256, torch.float32
         )
-        absmax = absmax + offset
-    return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, dtype)
+        absmax = absmax + weight.offset
+    return torch.ops.bitsandbytes.dequantize_4bit(
+        weight.packed, absmax, weight.blocksize, "nf4", weight.shape, dtype
+    )
 
 
 # ------------------------------------------------------------- large steps: LoRA folded in
 @torch.library.custom_op("lit_cats::linear_4bit_lora", mutates_args=())
 def linear_4bit_lora(
-    x: torch.Tensor,
-    low_rank: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    layer_output: bool,
-    keep_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: Tensor, low_rank: Tensor, lora_b: Tensor, scaling: float,
+    packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_code: Tensor | None,
+    offset: Tensor | None, shape: list[int], blocksize: int,  # an NF4Weight
+    layer_output: bool, keep_weight: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``x @ W.T + scaling * low_rank @ lora_b.T`` for a 2-D ``x``: the rank-r update GEMM writes
     the output, then the base GEMM over bitsandbytes' dequantized weight adds into it in place
     (beta = 1: the output is read in the big GEMM's epilogue, behind its arithmetic). Adding the
-    update after the base GEMM instead (``addmm_`` over its output) reads and writes the whole
-    output once more: on an H100, checkpointed 16k-token steps 19,522 -> 19,868 tokens/s with
-    this order (benchmarks/RESULTS.md, round 5).
+    update after the base GEMM instead (``addmm_`` over its output) would read and write the
+    whole output once more (the two orders are measured in benchmarks/RESULTS.md).
 
-    With ``layer_output`` (see :func:`mark_layer_output`), a run inside :func:`recomputing`
-    returns NaNs instead: the checkpoint that reruns the layer keeps only what the backward
-    reads, and nothing it reads depends on this output (were that ever wrong, the NaNs would
-    reach the gradients and show, rather than stale values). The backward below needs the
-    inputs, never the output, so it is unchanged. On a checkpointed 16k-token step of Phi-3-mini
-    that skips the 32 ``down_proj`` matmuls, 7% of the step's matmul FLOPs.
+    With ``layer_output`` (see :func:`mark_layer_output`), a run inside a checkpointed layer's
+    rerun (:func:`lit_cats.fast.recompute.is_recomputing`) returns NaNs instead: the checkpoint
+    that reruns the layer keeps only what the backward reads, and nothing it reads depends on
+    this output (were that ever wrong, the NaNs would reach the gradients and show, rather than
+    stale values). The backward below needs the
+    inputs, never the output, so it is unchanged. On Phi-3 that skips every layer's ``down_proj``
+    matmul in the rerun.
 
     The second output is the dequantized weight with ``keep_weight`` (:func:`trace_nf4_layers`),
     which the backward then uses instead of dequantizing again; else an empty tensor. (A kept
     weight is what the backward reads, so a rerun then computes it: it never skips.)
     """
-    if layer_output and not keep_weight and getattr(_state, "recomputing", False):
+    if layer_output and not keep_weight and recompute.is_recomputing():
         return x.new_full((x.shape[0], shape[0]), float("nan")), x.new_empty(0)
     update = low_rank.to(x.dtype) @ (lora_b.t() * scaling).to(x.dtype)
-    weight = (packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize)
-    return _add_4bit_matmul(update, x, *weight, keep_weight=keep_weight)
+    weight = NF4Weight(packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize)
+    return _add_4bit_matmul(update, x, weight, keep_weight=keep_weight)
 
 
 def _add_4bit_matmul(
-    out: torch.Tensor, x: torch.Tensor, *weight: Any, keep_weight: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out += x @ W.T`` in place, W (``weight``: :func:`_dequantize_bnb`'s arguments but the
-    dtype) dequantized first (:func:`_dequantize`), as bitsandbytes' ``gemm_4bit`` does before
-    ``linear``. One GEMM with beta = 1: it reads ``out`` in its epilogue, behind the matmul's
-    arithmetic. Returns ``out`` and, with ``keep_weight``, W (else an empty tensor)."""
-    dequantized = _dequantize(*weight, x.dtype)
+    out: Tensor, x: Tensor, weight: NF4Weight, keep_weight: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``out += x @ W.T`` in place, W dequantized first (:meth:`NF4Weight.dequantize`), as
+    bitsandbytes' ``gemm_4bit`` does before ``linear``. One GEMM with beta = 1: it reads ``out``
+    in its epilogue, behind the matmul's arithmetic. Returns ``out`` and, with ``keep_weight``,
+    W (else an empty tensor)."""
+    dequantized = weight.dequantize(x.dtype)
     out.addmm_(x, dequantized.t())
     return out, dequantized if keep_weight else x.new_empty(0)
 
 
-@linear_4bit_lora.register_fake
-def _(
-    x,
-    low_rank,
-    lora_b,
-    scaling,
-    packed,
-    absmax,
-    absmax_scale,
-    absmax_code,
-    offset,
-    shape,
-    blocksize,
-    layer_output,
-    keep_weight,
-):
+def _fake_lora_outputs(x: Tensor, shape: list[int], keep_weight: bool) -> tuple[Tensor, Tensor]:
+    """The fake output and kept weight of the 4-bit LoRA ops (their shared fake kernel)."""
     return x.new_empty(x.shape[0], shape[0]), x.new_empty(shape if keep_weight else [0])
+
+
+@linear_4bit_lora.register_fake
+def _(x, low_rank, lora_b, scaling, packed, absmax, absmax_scale, absmax_code, offset, shape,
+      blocksize, layer_output, keep_weight):  # fmt: skip
+    return _fake_lora_outputs(x, shape, keep_weight)
 
 
 def _lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -344,6 +318,11 @@ def _lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(low_rank, lora_b, output[1], *quantized)
     ctx.meta = (scaling, shape, blocksize)
+
+
+def _saved_weight(quantized: list[Tensor | None], shape: list[int], blocksize: int) -> NF4Weight:
+    """The weight a setup context saved: its tensors (``ctx.saved_tensors``) and its meta."""
+    return NF4Weight(*quantized, shape, blocksize)
 
 
 def _lora_backward(
@@ -354,7 +333,9 @@ def _lora_backward(
     need_x, need_low, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_low = grad_b = None
     if need_x:
-        grad_x = grad @ _backward_weight(kept, quantized, shape, blocksize, grad.dtype)
+        grad_x = grad @ _backward_weight(
+            kept, _saved_weight(quantized, shape, blocksize), grad.dtype
+        )
     if need_low:
         grad_low = _grad_low_rank(grad, lora_b, scaling)
     if need_b:
@@ -362,19 +343,13 @@ def _lora_backward(
     return grad_x, grad_low, grad_b, *([None] * 10)
 
 
-def _backward_weight(
-    kept: torch.Tensor,
-    quantized: list[torch.Tensor | None],
-    shape: list[int],
-    blocksize: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def _backward_weight(kept: Tensor, weight: NF4Weight, dtype: torch.dtype) -> Tensor:
     """The weight the backward multiplies by: the forward's, if it kept it (``kept`` is then
     not empty, a size known when tracing), else dequantized again, as bitsandbytes' own backward
     does."""
     if kept.numel():
         return kept.to(dtype)
-    return _dequantize(*quantized, shape, blocksize, dtype)
+    return weight.dequantize(dtype)
 
 
 def _grad_low_rank(grad: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -395,22 +370,11 @@ linear_4bit_lora.register_autograd(_lora_backward, setup_context=_lora_setup)
 # ------------------------------------------ large steps: LoRA dropout and LoRA-A folded in too
 @torch.library.custom_op("lit_cats::dropout_linear_4bit_lora", mutates_args=())
 def dropout_linear_4bit_lora(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    p: float,
-    seed: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    shape: list[int],
-    blocksize: int,
-    layer_output: bool,
-    keep_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, p: float, seed: Tensor,
+    packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_code: Tensor | None,
+    offset: Tensor | None, shape: list[int], blocksize: int,  # an NF4Weight
+    layer_output: bool, keep_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """:func:`linear_4bit_lora` of ``x`` and ``low = dropout_lora_a(x, lora_a, p, seed)``
     (:mod:`lit_cats.fast.lora_dropout`) as one op; returns the output, ``low`` and the kept weight
     (:func:`linear_4bit_lora`'s second output).
@@ -419,10 +383,8 @@ def dropout_linear_4bit_lora(
     dropout kernel writes the LoRA branch's gradient, then the base GEMM over the dequantized
     weight adds into it in place (beta = 1). As two ops, each wrote its own ``(tokens,
     in_features)`` gradient and autograd added them: a separate kernel (``o_proj``'s input) or an
-    extra input read by the next fused kernel (SwiGLU's and RMSNorm's backward). On an H100
-    (benchmarks/RESULTS.md, round 7): 10 ms less kernel time per 16k-token step without
-    checkpointing (528 -> 518 ms), 20 ms less on checkpointed 1,024-token texts, and 7.77 ->
-    7.52 GiB peak on checkpointed 16k-token steps; the beta = 1 epilogue costs nothing measurable.
+    extra input read by the next fused kernel (SwiGLU's and RMSNorm's backward). Less kernel time
+    and a lower peak, measured in benchmarks/RESULTS.md.
     """
     low = lora_dropout.dropout_lora_a(x, lora_a, p, seed)
     out, weight = linear_4bit_lora(
@@ -435,31 +397,18 @@ def dropout_linear_4bit_lora(
 @dropout_linear_4bit_lora.register_fake
 def _(x, lora_a, lora_b, scaling, p, seed, packed, absmax, absmax_scale, absmax_code, offset,
       shape, blocksize, layer_output, keep_weight):  # fmt: skip
-    weight = x.new_empty(shape if keep_weight else [0])
-    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0]), weight
+    out, weight = _fake_lora_outputs(x, shape, keep_weight)
+    return out, x.new_empty(x.shape[0], lora_a.shape[0]), weight
 
 
 @torch.library.custom_op("lit_cats::dropout_linear_4bit_lora_backward", mutates_args=())
 def dropout_linear_4bit_lora_backward(
-    grad: torch.Tensor,
-    grad_low: torch.Tensor | None,
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    low: torch.Tensor,
-    seed: torch.Tensor,
-    kept: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax_scale: torch.Tensor | None,
-    absmax_code: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    scaling: float,
-    p: float,
-    shape: list[int],
-    blocksize: int,
-    need_x: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: Tensor, grad_low: Tensor | None, x: Tensor, lora_a: Tensor, lora_b: Tensor, low: Tensor,
+    seed: Tensor, kept: Tensor,
+    packed: Tensor, absmax: Tensor, absmax_scale: Tensor | None, absmax_code: Tensor | None,
+    offset: Tensor | None,  # an NF4Weight's tensors
+    scaling: float, p: float, shape: list[int], blocksize: int, need_x: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The gradients of ``x``, ``lora_a`` and ``lora_b`` of :func:`dropout_linear_4bit_lora`
     (``grad_low``: that of its second output, None where nothing used it; ``kept``: its third).
     Without ``need_x`` the base GEMM is skipped and the first result is only the LoRA branch's
@@ -470,8 +419,8 @@ def dropout_linear_4bit_lora_backward(
     grad_b = _grad_lora_b(grad, low, lora_b, scaling)
     grad_x, grad_a = lora_dropout.dropout_lora_a_backward(low_grad.to(x.dtype), x, lora_a, p, seed)
     if need_x:  # the base GEMM adds its gradient into the LoRA branch's (beta = 1)
-        quantized = [packed, absmax, absmax_scale, absmax_code, offset]
-        grad_x.addmm_(grad, _backward_weight(kept, quantized, shape, blocksize, grad.dtype))
+        weight = NF4Weight(packed, absmax, absmax_scale, absmax_code, offset, shape, blocksize)
+        grad_x.addmm_(grad, _backward_weight(kept, weight, grad.dtype))
     return grad_x, grad_a, grad_b
 
 
@@ -505,13 +454,12 @@ dropout_linear_4bit_lora.register_autograd(
 
 
 def _weight_args(layer: nn.Module) -> tuple:
-    """A 4-bit layer's weight as the large-step ops take it: :func:`_quantized`, shape,
-    blocksize, whether it is a layer's output (:func:`mark_layer_output`) and whether its
-    dequantized weight is kept for the backward (:func:`trace_nf4_layers`)."""
-    state = layer.weight.quant_state
+    """A 4-bit layer's weight as the large-step ops take it: its :class:`NF4Weight`, whether it
+    is a layer's output (:func:`mark_layer_output`) and whether its dequantized weight is kept
+    for the backward (:func:`trace_nf4_layers`)."""
     layer_output = getattr(layer, "_lit_cats_layer_output", False)
     keep_weight = getattr(layer, "_lit_cats_keep_weight", False)
-    return *_quantized(layer), list(state.shape), state.blocksize, layer_output, keep_weight
+    return *NF4Weight.of(layer), layer_output, keep_weight
 
 
 def _fuses(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -551,8 +499,8 @@ def fused_lora_linear(
     (:func:`linear_4bit_lora`); None where that does not apply (the caller adds it itself).
 
     Traced, an in-place update of the base output would be functionalized into a copy of the
-    whole ``(tokens, out_features)`` output first (43 ms of a 16k-token step on an H100); as one
-    custom op, there is nothing for the compiler to copy.
+    whole ``(tokens, out_features)`` output first; as one custom op, there is nothing for the
+    compiler to copy.
     """
     if not _fuses(layer, x):
         return None
@@ -582,7 +530,7 @@ def trace_nf4_layers(module: nn.Module, keep_dequantized: bool = False) -> int:
     With ``keep_dequantized``, large steps keep each layer's dequantized 16-bit weight from the
     forward for the backward, which then does not dequantize it again (:func:`linear_4bit_lora`):
     one of two dequantizations saved per step without checkpointing, for the weight's 16-bit size
-    in memory until its backward (7.2 GB for Phi-3-mini's decoder layers).
+    in memory until its backward (all the decoder layers' 16-bit weights at the peak).
     """
     try:
         from bitsandbytes.nn import Linear4bit

@@ -1,13 +1,12 @@
 """Causal attention over a packed row of short examples, forward and backward in Triton.
 
-A packed step of short texts (32-256 tokens, ~110 examples in 16k tokens) spends most of its
-attention time in FlashAttention-2's varlen backward: on an H100 at Phi-3-mini's shape (32 heads
-of 96) it takes 0.91 ms a layer, five times its forward, at ~40 TFLOP/s. Its tiles are sized for
-long sequences, it pads the head dimension to 128 in every matmul, and it adds ``dQ`` up in an
-fp32 buffer of ``(tokens + 128 * examples, heads, 128)`` that is zeroed, added to atomically and
-converted in two more passes.
+A packed step of short texts (tens to a few hundred tokens each, about a hundred examples per
+row) spends most of its attention time in FlashAttention-2's varlen backward. Its tiles are
+sized for long sequences, it pads the head dimension to 128 in every matmul, and it adds ``dQ``
+up in an fp32 buffer of ``(tokens + 128 * examples, heads, 128)`` that is zeroed, added to
+atomically and converted in two more passes.
 
-These kernels are sized for short examples instead (``benchmarks/RESULTS.md``, round 8):
+These kernels are sized for short examples instead (measured in ``benchmarks/RESULTS.md``):
 
 - one program per (64-row block, example, head); blocks past an example's end exit at once;
 - the head dimension is split into a power of two and a remainder (96 = 64 + 32), so no matmul
@@ -19,8 +18,8 @@ These kernels are sized for short examples instead (``benchmarks/RESULTS.md``, r
 
 The op returns the output and the log-sum-exp (fp32, ``(tokens, heads)``, natural log) the
 backward needs. It runs where Triton runs (CUDA; the tests also run it on the CPU in Triton's
-interpreter); :mod:`lit_cats.fast.attention` chooses it for packed rows on GPUs where it was measured
-faster than FlashAttention-2 (Hopper).
+interpreter); :mod:`lit_cats.fast.attention` chooses it for packed rows on the GPUs where it was
+measured faster than FlashAttention-2 (compute capability 9).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 try:
     import triton
@@ -37,8 +37,8 @@ except ImportError:  # CPU-only torch: packing uses its per-example SDPA op inst
 
 _LOG2E = 1.4426950408889634
 
-#: Launch settings per kernel, the fastest of a sweep on an H100 at the short workload's packed
-#: rows (``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` over 32-128 rows, 4/8 warps, 1-3 stages).
+#: Launch settings per kernel, the fastest of a sweep at the short workload's packed rows
+#: (``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` over 32-128 rows, 4/8 warps, 1-3 stages).
 FORWARD = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
 GRAD_Q = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 GRAD_KV = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
@@ -106,28 +106,44 @@ if triton is not None:
         return start, length, start.to(tl.int64) * (H * D) + tl.program_id(2) * D
 
     @triton.jit
+    def _block(cu_ptr, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        """:func:`_example`'s three values, then this program's block of BLOCK rows of it: the
+        first row, the rows and which of them lie inside the example."""
+        start, length, base = _example(cu_ptr, H, D)
+        first = tl.program_id(0) * BLOCK
+        rows = first + tl.arange(0, BLOCK)
+        return start, length, base, first, rows, rows < length
+
+    @triton.jit
+    def _key_block(k_ptr, v_ptr, base, n0, rows, length, H: tl.constexpr, D: tl.constexpr,
+                   D0: tl.constexpr, D1: tl.constexpr, HI: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
+        """The BLOCK_N keys and values from ``n0`` on (split as :func:`_load` splits them) and
+        which of their scores with the query ``rows`` count (causal, inside the example)."""
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k0, k1 = _load(k_ptr + base, cols, cols < length, H * D, D, D0, D1, HI)
+        v0, v1 = _load(v_ptr + base, cols, cols < length, H * D, D, D0, D1, HI)
+        keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length)
+        return k0, k1, v0, v1, keep
+
+    @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, qk_scale,
                         H: tl.constexpr, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                         HI: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):  # fmt: skip
         """Output and log-sum-exp of BLOCK_M query rows: online softmax over the key blocks up
         to the diagonal (scores in log2 units: ``qk_scale`` is the softmax scale * log2(e))."""
-        start, length, base = _example(cu_ptr, H, D)
-        m0 = tl.program_id(0) * BLOCK_M
+        start, length, base, m0, rows, valid = _block(cu_ptr, H, D, BLOCK_M)
         if m0 >= length:
             return
-        rows = m0 + tl.arange(0, BLOCK_M)
-        valid = rows < length
         q0, q1 = _load(q_ptr + base, rows, valid, H * D, D, D0, D1, HI)
         top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
         acc1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
         for n0 in range(0, tl.minimum(m0 + BLOCK_M, length), BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            k0, k1 = _load(k_ptr + base, cols, cols < length, H * D, D, D0, D1, HI)
-            v0, v1 = _load(v_ptr + base, cols, cols < length, H * D, D, D0, D1, HI)
-            keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length)
+            k0, k1, v0, v1, keep = _key_block(k_ptr, v_ptr, base, n0, rows, length,
+                                              H, D, D0, D1, HI, BLOCK_N)  # fmt: skip
             scores = tl.where(keep, _dot_t(q0, q1, k0, k1, HI) * qk_scale, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, 1))
             rescale = tl.exp2(top - new_top)
@@ -150,12 +166,9 @@ if triton is not None:
                        BLOCK_N: tl.constexpr):  # fmt: skip
         """``dQ`` of BLOCK_M query rows, over the key blocks up to the diagonal; also stores
         these rows' ``delta = rowsum(dO * O)`` for :func:`_grad_kv_kernel`."""
-        start, length, base = _example(cu_ptr, H, D)
-        m0 = tl.program_id(0) * BLOCK_M
+        start, length, base, m0, rows, valid = _block(cu_ptr, H, D, BLOCK_M)
         if m0 >= length:
             return
-        rows = m0 + tl.arange(0, BLOCK_M)
-        valid = rows < length
         q0, q1 = _load(q_ptr + base, rows, valid, H * D, D, D0, D1, HI)
         do0, do1 = _load(do_ptr + base, rows, valid, H * D, D, D0, D1, HI)
         o0, o1 = _load(o_ptr + base, rows, valid, H * D, D, D0, D1, HI)
@@ -168,10 +181,8 @@ if triton is not None:
         dq0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
         dq1 = tl.zeros((BLOCK_M, D1), dtype=tl.float32)
         for n0 in range(0, tl.minimum(m0 + BLOCK_M, length), BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            k0, k1 = _load(k_ptr + base, cols, cols < length, H * D, D, D0, D1, HI)
-            v0, v1 = _load(v_ptr + base, cols, cols < length, H * D, D, D0, D1, HI)
-            keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length)
+            k0, k1, v0, v1, keep = _key_block(k_ptr, v_ptr, base, n0, rows, length,
+                                              H, D, D0, D1, HI, BLOCK_N)  # fmt: skip
             probs = tl.exp2(_dot_t(q0, q1, k0, k1, HI) * qk_scale - lse[:, None])
             probs = tl.where(keep, probs, 0.0)
             d_scores = probs * (_dot_t(do0, do1, v0, v1, HI) - delta[:, None])
@@ -188,12 +199,9 @@ if triton is not None:
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
         """``dK`` and ``dV`` of BLOCK_N key rows, over the query blocks from the diagonal on
         (the transposed probabilities, so no transposes of the accumulators)."""
-        start, length, base = _example(cu_ptr, H, D)
-        n0 = tl.program_id(0) * BLOCK_N
+        start, length, base, n0, cols, valid = _block(cu_ptr, H, D, BLOCK_N)
         if n0 >= length:
             return
-        cols = n0 + tl.arange(0, BLOCK_N)
-        valid = cols < length
         k0, k1 = _load(k_ptr + base, cols, valid, H * D, D, D0, D1, HI)
         v0, v1 = _load(v_ptr + base, cols, valid, H * D, D, D0, D1, HI)
         dk0 = tl.zeros((BLOCK_N, D0), dtype=tl.float32)
@@ -260,16 +268,9 @@ def _(q, k, v, cu, max_len, scale):
 
 @torch.library.custom_op("lit_cats::packed_causal_attention_backward", mutates_args=())
 def _packed_attention_backward(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu: torch.Tensor,
-    max_len: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu: Tensor,
+    max_len: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of :func:`packed_causal_attention`'s output: ``dQ`` first (it stores
     ``delta``), then ``dK`` and ``dV``."""
     tokens, heads, dim = q.shape

@@ -1,23 +1,18 @@
-"""LoRA dropout inside the LoRA-A matmul (lit_cats.fast.lora_dropout): the counter-based mask, the
-op's gradients, and the op in the model (checkpointing's rerun must draw the same mask)."""
+"""LoRA dropout inside the LoRA-A matmul (lit_cats.fast.lora_dropout): the counter-based mask,
+the op's gradients, and the op in the model (checkpointing's rerun must draw the same mask)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from conftest import needs_cxx
 
 from lit_cats.data.collate import pack_examples
 from lit_cats.fast import lora_dropout
 from lit_cats.fast.lora_dropout import dropout_lora_a, keep_mask, keep_scale, philox, threshold
-from tests.test_speed import (
-    _assert_close,
-    _cuda_module,
-    _examples,
-    _loss_and_grads,
-    _module,
-    needs_cxx,
-    run_in_tritons_interpreter,
-)
+from lit_cats.fast.nf4 import MAX_TOKENS
 
 
 def test_philox_is_random123s_philox4x32_10():
@@ -74,8 +69,20 @@ def test_op_is_masked_scaled_x_times_a_with_its_gradients():
     assert (got_grads[0][~keep] == 0).all() and (got_grads[0][keep] != 0).all()
 
 
-def _fused_on_cpu(monkeypatch) -> list[int]:
-    """Take the fused op on the CPU too (its torch reference); count its calls."""
+def _without_and_with_checkpointing(build, loss_and_grads, batch: dict, seed: int):
+    """The step's loss and gradients without and with checkpointing, torch seeded alike before
+    each (the same dropout masks), and the checkpointed module."""
+    results = []
+    for checkpointing in (False, True):
+        module = build(gradient_checkpointing=checkpointing)
+        torch.manual_seed(seed)
+        results.append(loss_and_grads(module, batch))
+    return results, module
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch) -> list[int]:
+    """The fused op taken on the CPU too (its torch reference); the list its calls append to."""
     calls = []
     real = lora_dropout.dropout_lora_a
 
@@ -88,23 +95,21 @@ def _fused_on_cpu(monkeypatch) -> list[int]:
     return calls
 
 
-def test_fused_dropout_in_the_model_replays_its_mask_under_checkpointing(monkeypatch):
+def test_fused_dropout_in_the_model_replays_its_mask_under_checkpointing(
+    fused_on_cpu, make_examples, speed_module, loss_and_grads, assert_steps_close
+):
     """With dropout 0.1 and the fused op, a checkpointed step has the loss and gradients of the
     same step without checkpointing: the rerun draws the very mask the forward drew."""
-    calls = _fused_on_cpu(monkeypatch)
-    batch = pack_examples(_examples([40, 70, 30]))
-    results = []
-    for checkpointing in (False, True):
-        module = _module(fast_lora=True, lora_dropout=0.1, gradient_checkpointing=checkpointing)
-        torch.manual_seed(7)
-        results.append(_loss_and_grads(module, batch))
-    _assert_close(results[1], results[0], loss_tol=1e-6, grad_tol=1e-5)
+    batch = pack_examples(make_examples([40, 70, 30]))
+    build = functools.partial(speed_module, lora_dropout=0.1, fast_lora=True)
+    results, module = _without_and_with_checkpointing(build, loss_and_grads, batch, seed=7)
+    assert_steps_close(results[1], results[0], loss_tol=1e-6, grad_tol=1e-5)
     layers = len(module.model.get_base_model().model.layers)
-    assert len(calls) == 4 * layers * 3  # 4 LoRA layers; no GC, then GC's forward and rerun
+    assert len(fused_on_cpu) == 4 * layers * 3  # 4 LoRA layers; no GC, then GC's forward, rerun
     torch.manual_seed(8)  # another seed, another mask
-    assert _loss_and_grads(module, batch)[0] != results[1][0]
-    zero = _module(fast_lora=True, lora_dropout=0.0)
-    assert _loss_and_grads(zero, batch)[0] != results[1][0]  # the dropout does drop
+    assert loss_and_grads(module, batch)[0] != results[1][0]
+    zero = speed_module(fast_lora=True)
+    assert loss_and_grads(zero, batch)[0] != results[1][0]  # the dropout does drop
 
 
 @pytest.fixture
@@ -118,26 +123,23 @@ def eager_rng_in_compiled_code():
 
 
 @needs_cxx
-@pytest.mark.usefixtures("eager_rng_in_compiled_code")
-def test_fused_dropout_compiled_equals_eager(monkeypatch):
+@pytest.mark.usefixtures("eager_rng_in_compiled_code", "fused_on_cpu", "compile_counters")
+def test_fused_dropout_compiled_equals_eager(
+    monkeypatch, make_examples, speed_module, loss_and_grads, assert_steps_close
+):
     """In compiled layers (on a large packed step, checkpointed) the op is in the graph and
     the seed comes from torch's generator: the same loss and gradients as eager."""
-    import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
-    from lit_cats.fast.nf4 import MAX_TOKENS
-
-    _fused_on_cpu(monkeypatch)
-    torch._dynamo.reset()
     settings = {"loss_chunk_size": 512, "fast_lora": True, "upcast_to_fp32": False}
     settings |= {"lora_dropout": 0.1, "gradient_checkpointing": True}
-    batch = pack_examples(_examples([300] * (MAX_TOKENS // 300 + 1)))
-    eager, compiled = _module(**settings), _module(compile=True, **settings)
+    batch = pack_examples(make_examples([300] * (MAX_TOKENS // 300 + 1)))
+    eager, compiled = speed_module(**settings), speed_module(compile=True, **settings)
     torch.manual_seed(3)
-    ref = _loss_and_grads(eager, batch)
+    ref = loss_and_grads(eager, batch)
     torch.manual_seed(3)
-    got, code = run_and_get_code(_loss_and_grads, compiled, batch)
-    _assert_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
+    got, code = run_and_get_code(loss_and_grads, compiled, batch)
+    assert_steps_close(got, ref, loss_tol=1e-3, grad_tol=5e-2)
     code = "\n".join(code)
     # the whole LoRA layer is one op (nf4.dropout_linear_4bit_lora), the dropout inside it
     assert "dropout_linear_4bit_lora.default" in code
@@ -145,59 +147,32 @@ def test_fused_dropout_compiled_equals_eager(monkeypatch):
     assert "native_dropout" not in code and "bernoulli" not in code
     # Checkpointing's rerun reuses what the forward computed: no second draw of any mask.
     torch.manual_seed(3)
-    forward, rerun = _count_computed(monkeypatch, lambda: _loss_and_grads(compiled, batch))
+    forward, rerun = _count_computed(monkeypatch, lambda: loss_and_grads(compiled, batch))
     assert (forward, rerun) == (4 * len(compiled.model.get_base_model().model.layers), 0)
     torch.manual_seed(3)
-    _assert_close(_loss_and_grads(compiled, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
-    torch._dynamo.reset()
-
-
-def test_small_compiled_steps_take_the_compilers_dropout(monkeypatch):
-    """Compiled steps of at most MAX_TOKENS tokens are host-bound: there the seeded op gives way
-    to the compiler's own dropout and matmul (H100, batch 2: 0.32-0.34 -> 0.24-0.26 s/step).
-    Large compiled steps and eager steps keep the op; the switch brings it back everywhere."""
-    from lit_cats.fast import lora as lora_fast
-    from lit_cats.fast.nf4 import MAX_TOKENS
-
-    monkeypatch.setattr(lora_dropout, "applies", lambda x, a: x.dim() == 2)
-    dropout, lora_a = torch.nn.Dropout(0.1).train(), torch.zeros(16, 64)
-
-    def takes_op(tokens: int, compiling: bool) -> bool:
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            seeded = lora_fast._seeded_dropout(dropout, torch.ones(tokens, 64), lora_a)
-        return seeded is not None
-
-    assert takes_op(MAX_TOKENS, False) and takes_op(MAX_TOKENS + 1, True)
-    assert not takes_op(MAX_TOKENS, True)
-    monkeypatch.setattr(lora_fast, "SEEDED_DROPOUT_ON_SMALL_COMPILED_STEPS", True)
-    assert takes_op(MAX_TOKENS, True)
+    assert_steps_close(loss_and_grads(compiled, batch), ref, loss_tol=1e-3, grad_tol=5e-2)
 
 
 @needs_cxx
-def test_small_compiled_steps_replay_the_compilers_dropout_under_checkpointing(monkeypatch):
+@pytest.mark.usefixtures("compile_counters")
+def test_small_compiled_steps_replay_the_compilers_dropout_under_checkpointing(
+    fused_on_cpu, make_examples, speed_module, loss_and_grads, assert_steps_close
+):
     """On a small compiled step (where the seeded op gives way), the compiler's own dropout:
     a checkpointed step has the loss and gradients of the same step without checkpointing (the
-    rerun draws the forward's mask), the dropout does drop, and the op is never called."""
-    import torch._dynamo
-
-    calls = _fused_on_cpu(monkeypatch)  # the op would apply: only the small-step rule skips it
-    torch._dynamo.reset()
+    rerun draws the forward's mask), the dropout does drop, and the op is never called (it
+    would apply here: only the small-step rule skips it)."""
     settings = {"loss_chunk_size": 64, "fast_lora": True, "upcast_to_fp32": False}
-    settings |= {"compile": True, "lora_dropout": 0.1}
-    batch = pack_examples(_examples([40, 70, 30]))
-    results = []
-    for checkpointing in (False, True):
-        module = _module(gradient_checkpointing=checkpointing, **settings)
-        torch.manual_seed(11)
-        results.append(_loss_and_grads(module, batch))
-    _assert_close(results[1], results[0], loss_tol=1e-3, grad_tol=5e-2)
-    assert not calls
-    torch.manual_seed(12)  # another mask moves the loss past that tolerance (0.7% here)
-    assert abs(_loss_and_grads(module, batch)[0] - results[1][0]) > 1e-3 * abs(results[1][0])
-    no_dropout = _loss_and_grads(_module(**(settings | {"lora_dropout": 0.0})), batch)
+    settings |= {"compile": True}
+    batch = pack_examples(make_examples([40, 70, 30]))
+    build = functools.partial(speed_module, lora_dropout=0.1, **settings)
+    results, module = _without_and_with_checkpointing(build, loss_and_grads, batch, seed=11)
+    assert_steps_close(results[1], results[0], loss_tol=1e-3, grad_tol=5e-2)
+    assert not fused_on_cpu
+    torch.manual_seed(12)  # another mask moves the loss past that tolerance
+    assert abs(loss_and_grads(module, batch)[0] - results[1][0]) > 1e-3 * abs(results[1][0])
+    no_dropout = loss_and_grads(speed_module(**settings), batch)
     assert abs(no_dropout[0] - results[0][0]) > 1e-4
-    torch._dynamo.reset()
 
 
 def _count_computed(monkeypatch, fn) -> tuple[int, int]:
@@ -208,9 +183,9 @@ def _count_computed(monkeypatch, fn) -> tuple[int, int]:
         in_backward.append(torch._C._current_graph_task_id() != -1)
         return real(*args)
 
-    monkeypatch.setattr(lora_dropout, "_reference", spy)
-    fn()
-    monkeypatch.setattr(lora_dropout, "_reference", real)
+    with monkeypatch.context() as patch:
+        patch.setattr(lora_dropout, "_reference", spy)
+        fn()
     return in_backward.count(False), in_backward.count(True)
 
 
@@ -233,7 +208,7 @@ print("kernels ok")
 """
 
 
-def test_triton_kernels_equal_the_reference_in_tritons_interpreter():
+def test_triton_kernels_equal_the_reference_in_tritons_interpreter(run_in_tritons_interpreter):
     """The kernels themselves, run on the CPU by Triton's interpreter (fp16: the interpreter
     has no bf16): the same mask as keep_mask, bit for bit, and the reference's numbers."""
     done = run_in_tritons_interpreter(_KERNEL_CHECK)
@@ -265,31 +240,25 @@ def test_triton_kernels_equal_the_reference_on_gpu(width, rank):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("compile_counters")
 @pytest.mark.parametrize(("compiled", "small"), [(False, False), (True, False), (True, True)])
-def test_fused_dropout_in_the_model_on_gpu(monkeypatch, compiled, small):
+def test_fused_dropout_in_the_model_on_gpu(
+    monkeypatch, make_examples, cuda_module, loss_and_grads, assert_steps_close, compiled, small
+):
     """On CUDA the model's LoRA layers take the Triton op, eager or compiled on a large packed
     step; a compiled step under MAX_TOKENS takes the compiler's dropout instead, never the op.
     Either way a checkpointed step has the loss and gradients of the same step without
     checkpointing, and differs from a step without dropout."""
-    import torch._dynamo
-
-    from lit_cats.fast.nf4 import MAX_TOKENS
-
     calls = []
     real = lora_dropout.dropout_lora_a
     monkeypatch.setattr(lora_dropout, "dropout_lora_a", lambda *a: calls.append(1) or real(*a))
-    torch._dynamo.reset()
     lengths = [300, 200, 400] if small else [300] * (MAX_TOKENS // 300 + 1)
-    batch = pack_examples(_examples(lengths))
+    batch = pack_examples(make_examples(lengths))
     settings = {"fast_lora": True, "compile": compiled, "loss_chunk_size": 512}
-    results = []
-    for checkpointing in (False, True):
-        module = _cuda_module(lora_dropout=0.1, gradient_checkpointing=checkpointing, **settings)
-        torch.manual_seed(5)
-        results.append(_loss_and_grads(module, batch))
-    _assert_close(results[1], results[0], loss_tol=1e-3, grad_tol=2e-2)
+    build = functools.partial(cuda_module, lora_dropout=0.1, **settings)
+    results, _ = _without_and_with_checkpointing(build, loss_and_grads, batch, seed=5)
+    assert_steps_close(results[1], results[0], loss_tol=1e-3, grad_tol=2e-2)
     # eager: every call; compiled large: traced into the graph; compiled small: never
     assert bool(calls) != small
-    no_dropout = _loss_and_grads(_cuda_module(lora_dropout=0.0, **settings), batch)
+    no_dropout = loss_and_grads(cuda_module(lora_dropout=0.0, **settings), batch)
     assert no_dropout[0] != results[0][0]
-    torch._dynamo.reset()
