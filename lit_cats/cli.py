@@ -77,31 +77,48 @@ def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     moved = {key: hparams.pop(key) for key in LEGACY_KEYS if key in hparams}
     if moved:
         hparams["speed"] = {**moved, **(hparams.get("speed") or {})}
-    for key in ("adapter", "generation"):
+    for key in INFERENCE_KEYS:
         if hparams.get(key) is None:
             hparams.pop(key, None)
     return hparams
 
 
-def legacy_key_error(argv: Sequence[str]) -> str | None:
-    """A message for command-line flags or config files that use the pre-``model.speed`` keys."""
+def _model_keys(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """``(where, key)`` for every ``model.*`` key given as a flag or in a ``--config`` file."""
     found = []
     for i, arg in enumerate(argv):
-        key = arg.split("=", 1)[0]
-        if key.startswith("--model.") and key[len("--model.") :] in LEGACY_KEYS:
-            found.append(f"{key} -> --model.speed.{key[len('--model.') :]}")
-        if key in ("--config", "-c") and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--model."):
+            found.append((flag, flag[len("--model.") :]))
+        if flag in ("--config", "-c") and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
             model = (yaml.safe_load(Path(argv[i + 1]).read_text()) or {}).get("model") or {}
-            found += [
-                f"{argv[i + 1]}: model.{k} -> model.speed.{k}" for k in LEGACY_KEYS if k in model
-            ]
-    if not found:
-        return None
-    return (
-        "The speed and memory settings moved under model.speed (lit-cats 0.2). Rename: "
-        + "; ".join(found)
-        + "."
-    )
+            found += [(f"{argv[i + 1]}: model.{key}", key) for key in model]
+    return found
+
+
+def usage_error(argv: Sequence[str], subcommand: str) -> str | None:
+    """A message for model keys that moved (pre-``model.speed`` names) or that ``fit`` cannot
+    take (the adapter to load and how to generate are predict's), before anything is parsed."""
+    keys = _model_keys(argv)
+    moved = [f"{where} -> model.speed.{key}" for where, key in keys if key in LEGACY_KEYS]
+    if moved:
+        return (
+            "The speed and memory settings moved under model.speed (lit-cats 0.2). Rename: "
+            + "; ".join(moved)
+            + "."
+        )
+    inference_only = [where for where, key in keys if key.split(".")[0] in INFERENCE_KEYS]
+    if subcommand == "fit" and inference_only:
+        return (
+            f"{', '.join(inference_only)}: the adapter to load and how to generate are for "
+            "predict/validate/test; fit trains a new adapter. Drop them (or the predict config), "
+            "or resume a run with --ckpt_path."
+        )
+    return None
+
+
+#: Model keys of predict/validate/test only (:class:`~lit_cats.inference.module.AdapterModule`).
+INFERENCE_KEYS = ("adapter", "generation")
 
 
 def find_last_checkpoint(trainer: Trainer) -> Path:
@@ -142,13 +159,6 @@ def _helper_commands() -> dict[str, Callable[..., None]]:
     return {"tiny": build_tiny, "push": push_run, "merge": merge_adapter}
 
 
-def model_class(argv: Sequence[str]) -> type[QLoRAModule]:
-    """``fit`` trains a new adapter (:class:`QLoRAModule`); the other Trainer commands load one
-    (:class:`~lit_cats.inference.module.AdapterModule`)."""
-    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), "fit")
-    return QLoRAModule if subcommand == "fit" else AdapterModule
-
-
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lit-cats`` console script (returns None, as console scripts must).
 
@@ -160,11 +170,13 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv and argv[0] in helpers:
         auto_cli(helpers[argv[0]], args=argv[1:])
         return
-    legacy = legacy_key_error(argv)
-    if legacy:
-        sys.exit(f"error: {legacy}")
+    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), "fit")
+    mistake = usage_error(argv, subcommand)
+    if mistake:  # a usage error, as jsonargparse's own: status 2, no traceback
+        print(f"error: {mistake}", file=sys.stderr)
+        sys.exit(2)
     CatsCLI(
-        model_class(argv),
+        QLoRAModule if subcommand == "fit" else AdapterModule,
         CatsDataModule,
         args=None if args is None else argv,
         seed_everything_default=42,

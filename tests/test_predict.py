@@ -106,10 +106,3 @@ def test_validate_with_the_trained_adapter_matches_the_fits_last_validation(trai
     [run] = [p for p in trained.glob("version_*") if p.name not in before]
     fit_loss = _events(trained / "version_0").Scalars("val_loss")[-1].value
     assert _events(run).Scalars("val_loss")[-1].value == pytest.approx(fit_loss, rel=1e-3)
-
-
-def test_fit_rejects_an_adapter_naming_the_key(run_dir, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(tiny_fit_args("--trainer.max_steps", "1", "--model.adapter", "latest"))
-    assert exit_.value.code == 2
-    assert "--model.adapter" in capsys.readouterr().err
