@@ -100,7 +100,11 @@ def usage_error(argv: Sequence[str], subcommand: str) -> str | None:
     """A message for model keys that moved (pre-``model.speed`` names) or that ``fit`` cannot
     take (the adapter to load and how to generate are predict's), before anything is parsed."""
     keys = _model_keys(argv)
-    moved = [f"{where} -> model.speed.{key}" for where, key in keys if key in LEGACY_KEYS]
+    moved = [
+        f"{where} -> {'--' if where.startswith('--') else ''}model.speed.{key}"
+        for where, key in keys
+        if key in LEGACY_KEYS
+    ]
     if moved:
         return (
             "The speed and memory settings moved under model.speed (lit-cats 0.2). Rename: "

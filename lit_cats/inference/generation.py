@@ -197,7 +197,7 @@ def _generation_config(s: GenerationSettings, stops: list[int], pad_id: int) -> 
         max_new_tokens=s.max_new_tokens,
         min_new_tokens=s.min_new_tokens or None,
         do_sample=s.do_sample,
-        eos_token_id=stops,  # every stop id, explicitly (PITFALLS: tokenizer EOS overrides)
+        eos_token_id=stops,  # every stop id: passing only the tokenizer's EOS would drop the others
         pad_token_id=pad_id,
         use_cache=True,  # training may have switched it off for gradient checkpointing
         **sampling,
