@@ -51,6 +51,7 @@ def test_liger_kernels_refuse_a_machine_without_them():
 def test_liger_kernels_equal_the_plain_path_on_gpu(
     monkeypatch, make_examples, padded, cuda_module, loss_and_grads, assert_steps_close
 ):
+    pytest.importorskip("liger_kernel", reason="optional: pip install 'lit-cats[liger]'")
     from transformers.models.phi3 import modeling_phi3
 
     # Liger rebinds Phi-3's rotary function for the process; give it back after this test.
