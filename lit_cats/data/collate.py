@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from transformers import DataCollatorWithFlattening
 
 from lit_cats.data.formatting import IGNORE_INDEX
 
@@ -35,6 +36,14 @@ def collate(
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+#: transformers' padding-free collator, configured for lit-cats' packed attention: the example
+#: boundaries as int32 ``cu_seq_lens_q``/``_k``, the longest example as Python-int
+#: ``max_length_q``/``_k`` (the attention needs no host sync to learn them), ``position_ids``
+#: restarting at 0, and each example's first label ignored (it would be predicted from the
+#: previous example's last token).
+_FLATTEN = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)
+
+
 def pack_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Concatenate tokenized examples into one padding-free row.
 
@@ -44,27 +53,10 @@ def pack_examples(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         ``input_ids``, ``labels`` and ``position_ids`` of shape ``(1, total)``; int32
         ``cu_seq_lens_q``/``cu_seq_lens_k`` of shape ``(n + 1,)`` (example boundaries) and the
-        longest example's length as ``max_length_q``/``max_length_k`` (Python ints, so the
-        attention kernel needs no host sync to learn them).
+        longest example's length as ``max_length_q``/``max_length_k`` (Python ints).
     """
-    lengths = [len(ex["input_ids"]) for ex in batch]
-    ids = torch.cat([torch.as_tensor(ex["input_ids"], dtype=torch.long) for ex in batch])
-    labels = torch.cat([torch.as_tensor(ex["labels"], dtype=torch.long) for ex in batch])
-    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
-    # Example i's first token is predicted from example i-1's last one after the model's shift.
-    labels[starts] = IGNORE_INDEX
-    position_ids = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    longest = max(lengths)
-    return {
-        "input_ids": ids.unsqueeze(0),
-        "labels": labels.unsqueeze(0),
-        "position_ids": position_ids.unsqueeze(0),
-        "cu_seq_lens_q": cu,
-        "cu_seq_lens_k": cu.clone(),
-        "max_length_q": longest,
-        "max_length_k": longest,
-    }
+    features = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in batch]
+    return _FLATTEN(features, return_tensors="pt")
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
