@@ -64,7 +64,9 @@ class ResumableDataLoader(DataLoader):
     resume (so does :meth:`CatsDataModule.load_state_dict`, where Lightning does not); the next
     pass then skips the batches already served in that epoch instead of training on the
     epoch's first batches twice and never on its last ones. Under DDP every rank serves the
-    same number of batches, so rank zero's count is every rank's.
+    same number of batches, so rank zero's count is every rank's. Not torchdata's
+    ``StatefulDataLoader``, which does the same and skips without collating: a new dependency
+    for what these thirty lines do.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
