@@ -1,11 +1,11 @@
-"""Batches of whole examples up to a token budget (lit_cats.data.sampling)."""
+"""Which examples form each step: length-grouped order, token budgets (lit_cats.data.sampling)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lit_cats.data.sampling import TokenBudgetBatchSampler
+from lit_cats.data.sampling import LengthGroupedSampler, TokenBudgetBatchSampler
 
 
 @pytest.fixture
@@ -42,3 +42,17 @@ def test_token_budget_shards_are_disjoint_and_equally_long(lengths):
 def test_token_budget_refuses_an_example_longer_than_the_budget():
     with pytest.raises(ValueError, match="longest example"):
         TokenBudgetBatchSampler([10, 300], max_tokens=256)
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_grouped_by_length():
+    lengths = [
+        int(x) for x in torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))
+    ]
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=1)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))
+    assert order == list(LengthGroupedSampler(lengths, batch_size=4, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    first = [lengths[i] for i in order[:200]]  # one mega-batch: sorted, longest first
+    assert first == sorted(first, reverse=True)

@@ -1,4 +1,4 @@
-"""Formatting, label masking, batching and the data module's errors."""
+"""The data module: loading files and Hub ids, splitting, batching, resuming, and its errors."""
 
 from __future__ import annotations
 
@@ -6,22 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lit_cats.assets import SHIPPED_DATASET, read_jsonl
-from lit_cats.data.collate import collate
 from lit_cats.data.datamodule import CatsDataModule, load_raw_dataset
-from lit_cats.data.formatting import IGNORE_INDEX, tokenize_chat, tokenize_text
-from lit_cats.data.sampling import LengthGroupedSampler
 from lit_cats.tiny import TINY_MODEL_ID
-
-CHAT = [
-    {"role": "system", "content": "You are a cat."},
-    {"role": "user", "content": "Why?"},
-    {"role": "assistant", "content": "Because the void."},
-    {"role": "user", "content": "And the red dot?"},
-    {"role": "assistant", "content": "Futile."},
-]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -29,76 +17,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def _trained_text(tokenizer, out: dict) -> str:
-    return tokenizer.decode(
-        [t for t, lab in zip(out["input_ids"], out["labels"], strict=True) if lab != -100]
-    )
-
-
 def test_shipped_dataset_is_chat_shaped_and_large_enough():
     rows = read_jsonl(SHIPPED_DATASET)
     assert len(rows) >= 300
     assert len({r["messages"][-1]["content"] for r in rows}) == len(rows)
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
-
-
-def test_text_gets_eos_and_every_token_is_a_label(tokenizer):
-    out = tokenize_text(tokenizer, "I can haz meaning?", 512)
-    assert out["input_ids"][-1] == tokenizer.eos_token_id
-    assert out["labels"] == out["input_ids"]
-
-
-def test_chat_masks_system_and_user_turns_and_keeps_end_markers(tokenizer):
-    out = tokenize_chat(tokenizer, CHAT, 512)
-    trained = _trained_text(tokenizer, out)
-    assert trained == "Because the void.<|end|>\nFutile.<|end|>\n<|endoftext|>"
-    assert out["labels"][-1] == tokenizer.eos_token_id
-    # No BOS is added on top of the template, and the template holds no second one.
-    assert out["input_ids"].count(tokenizer.bos_token_id) == 0
-
-
-def test_train_on_prompt_labels_everything(tokenizer):
-    out = tokenize_chat(tokenizer, CHAT, 512, train_on_prompt=True)
-    assert out["labels"] == out["input_ids"]
-
-
-def test_truncation_keeps_the_head_and_reports_the_full_length(tokenizer):
-    out = tokenize_chat(tokenizer, CHAT, 8)
-    assert len(out["input_ids"]) == len(out["labels"]) == 8
-    assert out["num_tokens"] > 8
-
-
-def test_collate_masks_padding_by_position_and_keeps_eos(tokenizer):
-    # Phi-3's pad id is its EOS id: a mask by id would also erase the final EOS label.
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id
-    short = tokenize_text(tokenizer, "Nap.", 512)
-    long = tokenize_text(tokenizer, "The red dot is futile, and so is the laser.", 512)
-    batch = collate([short, long], tokenizer.pad_token_id)
-    n = len(short["input_ids"])
-    assert batch["labels"][0, n - 1] == tokenizer.eos_token_id
-    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
-    assert (batch["input_ids"][0, n:] == tokenizer.pad_token_id).all()
-    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (batch["labels"].shape[1] - n)
-    assert batch["labels"][1, -1] == tokenizer.eos_token_id
-
-
-def test_collate_pads_to_a_multiple(tokenizer):
-    batch = collate([tokenize_text(tokenizer, "Nap.", 512)], tokenizer.pad_token_id, 8)
-    assert batch["input_ids"].shape[1] % 8 == 0
-
-
-def test_length_grouped_sampler_is_a_seeded_permutation_grouped_by_length():
-    lengths = [
-        int(x) for x in torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))
-    ]
-    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=1)
-    order = list(sampler)
-    assert sorted(order) == list(range(1000))
-    assert order == list(LengthGroupedSampler(lengths, batch_size=4, seed=1))
-    sampler.set_epoch(1)
-    assert list(sampler) != order
-    first = [lengths[i] for i in order[:200]]  # one mega-batch: sorted, longest first
-    assert first == sorted(first, reverse=True)
 
 
 def _input_ids(loader) -> list[list[int]]:
