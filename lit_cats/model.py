@@ -39,7 +39,13 @@ def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optim
 
 
 def default_scheduler(optimizer: torch.optim.Optimizer, num_training_steps: int) -> WarmupLR:
-    """The original's constant learning rate after a 3% linear warm-up."""
+    """A constant learning rate after a 3% linear warm-up (transformers' ``constant_with_warmup``).
+
+    The original asked for this (``warmup_ratio=0.03``) but named transformers' ``constant``
+    schedule, which ignores warm-up: it trained at the full rate from step 0. The warm-up is
+    kept as its evident intent; ``--model.scheduler.init_args.warmup_ratio 0`` (with the
+    ``WarmupLR`` scheduler of ``configs/qlora.yaml``) reproduces the original literally.
+    """
     return WarmupLR(optimizer, num_training_steps, warmup_ratio=0.03, schedule="constant")
 
 

@@ -25,8 +25,11 @@ def _factor(step: int, warmup: int, total: int, schedule: Schedule, min_lr_ratio
 class WarmupLR(LambdaLR):
     """Linear warm-up, then constant, linear decay or cosine decay; stepped every optimizer step.
 
-    ``schedule="constant"`` with ``warmup_ratio=0.03`` is transformers'
-    ``constant_with_warmup`` as the original script used it.
+    ``schedule="constant"`` with ``warmup_ratio=0.03`` (lit-cats' default) is transformers'
+    ``constant_with_warmup`` with HF's ``ceil(0.03 * steps)`` warm-up steps. The original script
+    asked for ``lr_scheduler_type="constant"`` with ``warmup_ratio=0.03``, but transformers'
+    ``constant`` ignores the warm-up, so it trained at the full rate from step 0:
+    ``warmup_ratio=0`` reproduces that literally.
     Not ``transformers.get_scheduler``: a function of absolute warm-up steps, no ``class_path``.
 
     Args:

@@ -243,7 +243,7 @@ class CatsDataModule(L.LightningDataModule):
         """Cache key of the tokenized dataset: the raw data, the tokenizer and every setting."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         vocab = backend.to_str() if backend is not None else str(self.tokenizer.get_vocab())
-        parts = [raw._fingerprint, fmt, vocab, str(self.tokenizer.chat_template), "v1"]
+        parts = [raw._fingerprint, fmt, vocab, str(self.tokenizer.chat_template), "v2"]
         parts += [str(self.hparams[k]) for k in sorted(self.hparams)]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 

@@ -1,7 +1,8 @@
 """Turning one dataset row into ``input_ids`` and ``labels``: the three supported shapes.
 
-- ``text``: a plain text column (the original script's shape). Every token is trained on and the
-  tokenizer's EOS is appended so the model learns to stop.
+- ``text``: a plain text column (the original script's shape). Every token is trained on, and
+  the tokenizer's EOS is appended when the text does not already end with it, so the model
+  learns to stop (one EOS, as TRL's SFTTrainer).
 - ``messages``: a chat column (list of ``{"role", "content"}``), rendered with the tokenizer's
   chat template. By default only assistant turns carry labels.
 - ``prompt_response``: two string columns, turned into a user/assistant chat.
@@ -143,8 +144,16 @@ def _common_prefix_length(a: str, b: str) -> int:
 def tokenize_text(
     tokenizer: PreTrainedTokenizerBase, text: str, max_seq_length: int
 ) -> dict[str, list[int]]:
-    """Tokenize plain text, append EOS, truncate; every kept token is a label."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    """Tokenize plain text, end it with one EOS, truncate; every kept token is a label.
+
+    The EOS is appended only when the text does not already end with it (as TRL's SFTTrainer
+    does), so a row written with its own EOS is not trained on a second one. ``num_tokens`` is
+    the full length, EOS included, before truncation.
+    """
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = [*ids, eos]
     kept = ids[:max_seq_length]
     return {"input_ids": kept, "labels": list(kept), "num_tokens": len(ids)}
 
