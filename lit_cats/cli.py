@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 import yaml
-from jsonargparse import auto_cli, lazy_instance
-from lightning.pytorch import Trainer
+from jsonargparse import ArgumentParser, auto_cli, lazy_instance
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_cats.callbacks import GenerationSamples, HubPushCallback, PredictionWriter
 from lit_cats.data.datamodule import CatsDataModule
@@ -26,7 +29,8 @@ from lit_cats.tiny import tiny_model_path
 
 
 class CatsCLI(LightningCLI):
-    """LightningCLI with the tokenizer linked to the model and run-aware ``--ckpt_path last``."""
+    """LightningCLI with the tokenizer linked to the model, run-aware ``--ckpt_path last``, a
+    ``checkpoint:`` section, and the helper commands listed with the Trainer's."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_name_or_path")
@@ -36,6 +40,49 @@ class CatsCLI(LightningCLI):
         parser.add_lightning_class_args(HubPushCallback, "hub")
         parser.add_lightning_class_args(GenerationSamples, "samples")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands with a one-line help each, then the helper commands, so
+        ``lit-cats --help`` lists every command. ``main`` runs the helpers before this parser."""
+        for subcommand in self.subcommands().keys() & COMMANDS.keys():
+            kwargs.setdefault(subcommand, {}).setdefault("description", COMMANDS[subcommand])
+        super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action
+        for choice in subcommands._choices_actions:
+            choice.help = COMMANDS.get(choice.dest, choice.help)
+        for name in _helper_commands():
+            helper = ArgumentParser(description=f"{COMMANDS[name]} See 'lit-cats {name} --help'.")
+            subcommands.add_subcommand(name, helper, help=COMMANDS[name])
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with TF32 tensor-core matmuls on CUDA (``high`` float32 precision).
+
+        A user's own choice (anything but torch's default ``highest``) is kept. On GPUs without
+        tensor cores, ``high`` changes nothing. Decided from the accelerator, not by asking the
+        GPU, so the CUDA runtime is not started before Lightning forks any worker.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        use_tensor_cores(trainer)
+        return trainer
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Lightning's, with the ``checkpoint:`` section's ModelCheckpoint added only when
+        checkpointing is on and ``trainer.callbacks`` has no ModelCheckpoint of its own (two
+        would both write ``last.ckpt``; Lightning adds a default one only when none is given)."""
+        section = self.config_init[self.subcommand].get("checkpoint") if self.subcommand else None
+        if section is not None and section in callbacks:
+            own = [c for c in config.get("callbacks") or [] if isinstance(c, ModelCheckpoint)]
+            if config.get("enable_checkpointing") is False:
+                callbacks = [c for c in callbacks if c is not section]
+            elif own:
+                rank_zero_warn(
+                    "trainer.callbacks has a ModelCheckpoint, so the `checkpoint:` section is not "
+                    "used. Move its settings to `checkpoint:` (e.g. --checkpoint."
+                    "every_n_train_steps) and drop it from trainer.callbacks."
+                )
+                callbacks = [c for c in callbacks if c is not section]
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
         """Resolve ``ckpt_path: last`` to the newest ``last.ckpt`` of this experiment.
@@ -68,6 +115,17 @@ class CatsCLI(LightningCLI):
             self.config = self.parser.parse_object(
                 {self.config.subcommand: {"model": hparams}}, self.config
             )
+
+
+def use_tensor_cores(trainer: Trainer) -> None:
+    """On CUDA, let float32 matmuls use TF32 tensor cores unless the user chose a precision.
+
+    lit-cats trains in bf16 autocast; what stays float32 (LoRA weights, norms, head) loses
+    nothing that matters with TF32. This is also what Lightning's hint at every start asks for.
+    """
+    chosen = torch.get_float32_matmul_precision() != "highest"  # torch's default: no choice
+    if isinstance(trainer.accelerator, CUDAAccelerator) and not chosen:
+        torch.set_float32_matmul_precision("high")
 
 
 def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
@@ -151,16 +209,26 @@ def build_tiny(cache_dir: str | None = None) -> None:
 
 
 _DESCRIPTION = (
-    "QLoRA fine-tuning with Lightning (fit, validate, test, predict). Also: "
-    "'lit-cats merge --help' (fold an adapter into a bf16 base), "
-    "'lit-cats push --help' (push a run folder to the Hub), "
-    "'lit-cats tiny' (build the offline tiny model and print its folder)."
+    "QLoRA fine-tuning of causal language models with Lightning. "
+    "'lit-cats COMMAND --help' shows a command's options."
 )
+
+#: One line of help per command, as ``lit-cats --help`` lists them (at most 56 characters, so
+#: each fits one line of an 80-column terminal).
+COMMANDS = {
+    "fit": "Train a LoRA adapter on a 4-bit base (QLoRA).",
+    "validate": "Score an adapter or checkpoint on the validation set.",
+    "test": "Score an adapter or checkpoint on the test set.",
+    "predict": "Answer prompts with a trained adapter.",
+    "merge": "Fold an adapter into its base; save a bf16 model.",
+    "push": "Push a run folder's adapter to the Hugging Face Hub.",
+    "tiny": "Build the offline tiny model; print its folder.",
+}
 
 
 def _helper_commands() -> dict[str, Callable[..., None]]:
     """Commands that are not Trainer entry points, each a typed function."""
-    return {"tiny": build_tiny, "push": push_run, "merge": merge_adapter}
+    return {"merge": merge_adapter, "push": push_run, "tiny": build_tiny}
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -172,7 +240,7 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     helpers = _helper_commands()
     if argv and argv[0] in helpers:
-        auto_cli(helpers[argv[0]], args=argv[1:])
+        auto_cli(helpers[argv[0]], args=argv[1:], prog=f"lit-cats {argv[0]}")
         return
     subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), "fit")
     mistake = usage_error(argv, subcommand)
@@ -186,9 +254,12 @@ def main(args: Sequence[str] | None = None) -> None:
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the module's injected optimizer/scheduler decide
-        parser_kwargs={"description": _DESCRIPTION},
+        parser_kwargs={"prog": "lit-cats", "description": _DESCRIPTION},
         trainer_defaults={
             "precision": "bf16-mixed",
+            # Lightning's summary counts the 4-bit weights as packed bytes (and bf16 as float32),
+            # so its numbers disagree with the start report's, which are lit-cats' own.
+            "enable_model_summary": False,
             "logger": lazy_instance(
                 TensorBoardLogger, save_dir="logs", name="lit-cats", default_hp_metric=False
             ),

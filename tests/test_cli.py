@@ -67,10 +67,10 @@ def test_qlora_yaml_carries_the_original_hyperparameters(capsys):
     assert trainer["gradient_clip_val"] == 0.3
     assert data["max_seq_length"] == 512
     assert trainer["log_every_n_steps"] == 10
-    checkpoint = next(
-        c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
-    )
-    assert checkpoint["init_args"]["every_n_train_steps"] == 50
+    assert not [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    checkpoint = cfg["checkpoint"]  # its own section, not an entry of trainer.callbacks
+    assert (checkpoint["every_n_train_steps"], checkpoint["save_top_k"]) == (50, -1)
+    assert checkpoint["save_last"] is True
     assert cfg["hub"]["repo_id"] == "phi-3-mini-4k-instruct-existential-cats-v1"
     assert cfg["hub"]["strategy"] == "checkpoint"  # the original's hub_strategy
     logger = trainer["logger"]
@@ -229,9 +229,59 @@ def test_output_dir_gets_a_copy_of_the_adapter(tiny_run):
     ).read_bytes()
 
 
-def test_help_names_the_helper_commands(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    out = capsys.readouterr().out
-    for command in ("lit-cats merge", "lit-cats push", "lit-cats tiny"):
-        assert command in " ".join(out.split()).replace("lit- cats", "lit-cats")
+COMMANDS = ["fit", "validate", "test", "predict", "merge", "push", "tiny"]
+
+
+def _help(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--help"])
+    assert exit_.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_command_on_one_line_each(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    out = _help(capsys)
+    assert out.startswith(f"usage: lit-cats [-c CONFIG] {{{','.join(COMMANDS)}}}")
+    listed = out.split("Available subcommands:")[1].strip().splitlines()
+    assert listed[0].strip() == "(required)"
+    assert [line.split()[0] for line in listed[1:]] == COMMANDS  # no wrapped continuation lines
+    assert all(len(line.split()) > 3 for line in listed[1:])  # each with its help
+
+
+@pytest.mark.parametrize("command", ["merge", "push", "tiny"])
+def test_helper_command_help_names_the_command(capsys, command):
+    assert _help(capsys, command).startswith(f"usage: lit-cats {command} ")
+
+
+def _checkpoint_callbacks(checkpoint: Path) -> list[str]:
+    """The ModelCheckpoint callbacks whose state a checkpoint holds (one per active callback)."""
+    states = torch.load(checkpoint, weights_only=False)["callbacks"]
+    return [key for key in states if key.startswith("ModelCheckpoint")]
+
+
+def test_checkpoint_frequency_is_one_setting(run_dir, fit_args):
+    main(fit_args("--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2"))
+    checkpoints = run_dir / RUN / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt"}
+    (only,) = _checkpoint_callbacks(checkpoints / "last.ckpt")
+    assert "'every_n_train_steps': 2" in only
+
+
+def test_a_checkpoint_callback_in_trainer_callbacks_replaces_the_section(run_dir, fit_args):
+    (run_dir / "old.yaml").write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {every_n_train_steps: 3, save_last: true}\n"
+    )
+    with pytest.warns(UserWarning, match="the `checkpoint:` section is not used"):
+        main(fit_args("--config", "old.yaml", "--trainer.max_steps", "3"))
+    (only,) = _checkpoint_callbacks(run_dir / RUN / "checkpoints" / "last.ckpt")
+    assert "'every_n_train_steps': 3" in only
+
+
+def test_checkpointing_can_be_switched_off(run_dir, fit_args):
+    main(fit_args("--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false"))
+    assert (run_dir / RUN / "adapter").is_dir()
+    assert not (run_dir / RUN / "checkpoints").exists()
