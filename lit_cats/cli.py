@@ -12,18 +12,24 @@ import yaml
 from jsonargparse import ArgumentParser, auto_cli, lazy_instance
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.accelerators import CUDAAccelerator
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_cats.callbacks import GenerationSamples, HubPushCallback, PredictionWriter
+from lit_cats.callbacks import (
+    GenerationSamples,
+    HubPushCallback,
+    PredictionWriter,
+    RunProgress,
+    RunSummary,
+)
 from lit_cats.data.datamodule import CatsDataModule
 from lit_cats.fast.settings import LEGACY_KEYS
 from lit_cats.hub import push_run
 from lit_cats.inference.merge import merge_adapter
 from lit_cats.inference.module import AdapterModule
 from lit_cats.locations import experiment_dir, newest_match
+from lit_cats.logger import CatsTensorBoardLogger
 from lit_cats.model import QLoRAModule
 from lit_cats.tiny import tiny_model_path
 
@@ -82,7 +88,23 @@ class CatsCLI(LightningCLI):
                     "every_n_train_steps) and drop it from trainer.callbacks."
                 )
                 callbacks = [c for c in callbacks if c is not section]
+        callbacks = [*callbacks, *self._progress(config, callbacks)]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _progress(self, config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
+        """lit-cats' progress display (unless off or the user chose another) and, for ``fit``,
+        the end summary, which names this run's ``--config`` files in its predict command."""
+        added: list[Callback] = []
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        given += self.trainer_defaults.get("callbacks", [])
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            added.append(RunProgress())
+        if self.subcommand == "fit":
+            configs = self.config[self.subcommand].get("config") or []
+            added.append(RunSummary([str(c) for c in configs]))
+        return added
 
     def before_fit(self) -> None:
         """Resolve ``ckpt_path: last`` to the newest ``last.ckpt`` of this experiment.
@@ -261,7 +283,7 @@ def main(args: Sequence[str] | None = None) -> None:
             # so its numbers disagree with the start report's, which are lit-cats' own.
             "enable_model_summary": False,
             "logger": lazy_instance(
-                TensorBoardLogger, save_dir="logs", name="lit-cats", default_hp_metric=False
+                CatsTensorBoardLogger, save_dir="logs", name="lit-cats", default_hp_metric=False
             ),
         },
     )

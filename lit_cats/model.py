@@ -17,9 +17,10 @@ from peft import PeftModel, get_peft_model
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_cats.data.sampling import STEP_SHARE_KEY
 from lit_cats.fast import SpeedKit, SpeedSettings
 from lit_cats.inference.adapters import ADAPTER_DIRNAME
-from lit_cats.loss import average_tokens_across_ranks, label_token_count
+from lit_cats.loss import StepTokenMean, average_tokens_across_ranks, label_token_count
 from lit_cats.recipe import (
     build_lora_config,
     keep_cpu_4bit_weights_trainable,
@@ -107,6 +108,7 @@ class QLoRAModule(L.LightningModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.lora_targets: list[str] = []
         self.val_loss = MeanMetric()
+        self.step_token_mean = StepTokenMean()  # weighs accumulated micro-batches by tokens
         # Checkpoints hold only trainable tensors; loading them must not demand the base's.
         self.strict_loading = False
 
@@ -159,11 +161,15 @@ class QLoRAModule(L.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        share = batch.pop(STEP_SHARE_KEY, None)  # only under gradient accumulation
         loss = self.kit.loss(self.model, batch)
         # Under DDP: weigh each rank by its label tokens, as one process on the whole batch would.
         tokens = label_token_count(batch["labels"])
-        loss, step_loss = average_tokens_across_ranks(loss, tokens, self.trainer)
-        self.log("train_loss", step_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if share is None:
+            loss, step_loss = average_tokens_across_ranks(loss, tokens, self.trainer)
+        else:  # and each micro-batch by its share of the optimizer step's tokens
+            loss, step_loss = self.step_token_mean(loss, tokens, share, self.trainer)
+        self.log("loss/train", step_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -182,14 +188,14 @@ class QLoRAModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # reduced across ranks by torchmetrics
         self.val_loss.reset()
-        self.log("val_loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val_ppl", torch.exp(loss), sync_dist=False)
+        self.log("loss/val", loss, prog_bar=True, sync_dist=False)
+        self.log("loss/val_ppl", torch.exp(loss), sync_dist=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if grads:  # pre-clipping norm, as HF's Trainer logs it; stays on device (no host sync)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            self.log("grad_norm", norm, on_step=True, on_epoch=False)
+            self.log("optim/grad_norm", norm, on_step=True, on_epoch=False)
 
     # ----------------------------------------------------------------------------- optim
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -208,7 +214,8 @@ class QLoRAModule(L.LightningModule):
             scheduler = self.scheduler_factory(optimizer)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            # LearningRateMonitor logs it as this tag (not lr-<OptimizerClass>)
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "optim/lr"},
         }
 
     # ----------------------------------------------------------------------------- state

@@ -104,7 +104,7 @@ def test_console_script_fit_writes_logs_adapter_and_config(run_dir, fit_args):
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (run / "checkpoints" / "last.ckpt").exists()
     tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
-    for tag in ("train_loss", "grad_norm", "train_tokens_per_s", "lr-PagedAdamW32bit"):
+    for tag in ("loss/train", "optim/grad_norm", "speed/tokens_per_s", "optim/lr"):
         assert tag in tags
     # The start report names the trained modules, the effective batch and the first example.
     output = proc.stderr + proc.stdout
@@ -124,7 +124,7 @@ def test_ckpt_path_last_resumes_the_newest_run(tiny_run, run_dir, fit_args):
             "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", "--ckpt_path", "last"
         )
     )
-    resumed = _scalars(run_dir / "logs" / "tiny-cats" / "version_10", "train_loss")
+    resumed = _scalars(run_dir / "logs" / "tiny-cats" / "version_10", "loss/train")
     assert [step for step, _ in resumed] == [2, 3]  # continues version_0, does not restart at 0
 
 
@@ -150,7 +150,7 @@ def test_checkpoint_from_before_model_speed_resumes_with_its_settings(tiny_run, 
             "old.ckpt",
         )
     )
-    assert [step for step, _ in _scalars(run_dir / RUN, "train_loss")] == [2, 3]
+    assert [step for step, _ in _scalars(run_dir / RUN, "loss/train")] == [2, 3]
     config = yaml.safe_load((run_dir / RUN / "config.yaml").read_text())
     assert config["model"]["speed"]["gradient_checkpointing"] is False
 
@@ -192,7 +192,7 @@ def test_validate_scores_a_training_checkpoint(tiny_run, run_dir, capsys):
         str(CONFIGS / "tiny.yaml"),
     ]
     main([*args, "--trainer.enable_progress_bar", "false", "--ckpt_path", str(checkpoint)])
-    assert "val_loss" in capsys.readouterr().out
+    assert "loss/val" in capsys.readouterr().out
 
 
 def test_tiny_command_prints_the_model_folder(capsys):

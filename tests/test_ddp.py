@@ -176,8 +176,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(run_dir, config
     ddp_b = {k: v for k, v in _adapter(run).items() if "lora_B" in k}
     assert _relative_difference(ddp_b, lora_b) < 1e-4
     # ...the same per-step losses (the logged loss is the global token mean) and validation.
-    assert _scalars(run, "train_loss") == pytest.approx(_scalars(single, "train_loss"), rel=1e-5)
-    assert _scalars(run, "val_loss") == pytest.approx(_scalars(single, "val_loss"), rel=1e-5)
+    assert _scalars(run, "loss/train") == pytest.approx(_scalars(single, "loss/train"), rel=1e-5)
+    assert _scalars(run, "loss/val") == pytest.approx(_scalars(single, "loss/val"), rel=1e-5)
 
     # Exactly one set of outputs: one version folder, one event file, one adapter.
     assert sorted(p.name for p in runs.iterdir()) == ["hub-dry-run", "version_0"]
@@ -189,7 +189,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(run_dir, config
     pushed = runs / "hub-dry-run" / "adapter_model.safetensors"
     assert pushed.read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
     # Throughput counts both ranks' tokens.
-    assert _scalars(run, "train_tokens_per_s")
+    assert _scalars(run, "speed/tokens_per_s")
 
 
 def _free_port() -> int:
@@ -243,4 +243,24 @@ def test_two_processes_train_with_compiled_layers_and_packing(run_dir, configs, 
     )
     assert "recompile_limit" not in out and "Graph break" not in out
     run = run_dir / "logs" / "tiny-cats" / "version_0"
-    assert _adapter(run) and _scalars(run, "train_loss")
+    assert _adapter(run) and _scalars(run, "loss/train")
+
+
+def test_two_processes_accumulating_train_like_one_with_the_whole_batch(run_dir, configs, fit_args):
+    """2 ranks x batch 2 x accumulation 2 == 1 process x batch 8, rows of very uneven lengths:
+    each micro-batch weighs by its share of the step's label tokens on both ranks together."""
+    from test_loss import EXACT_ONE_EPOCH, fit_adapter, relative_difference, write_uneven_rows
+
+    data = ("--data.dataset", str(write_uneven_rows(run_dir)))  # 10 rows: steps of 8, then 2
+    ref, ref_losses = fit_adapter(run_dir / "whole", fit_args, *data, "--data.batch_size", "8")
+    ddp = run_dir / "ddp"
+    ddp.mkdir()
+    args = (*EXACT_ONE_EPOCH, *data, "--config", str(configs / "ddp.yaml"))
+    args += ("--data.batch_size", "2", "--trainer.accumulate_grad_batches", "2")
+    _lit_cats_ddp(ddp, fit_args, *args)
+    run = ddp / "logs" / "tiny-cats" / "version_0"
+    assert relative_difference(_adapter(run), ref) < 1e-5  # the last step: 1 micro-batch each
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tag = next(t for t in events.Tags()["scalars"] if "train" in t and "loss" in t)
+    assert [e.value for e in events.Scalars(tag)] == pytest.approx(ref_losses, rel=1e-5)

@@ -51,12 +51,12 @@ class AdapterModule(L.LightningModule):
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = F.mse_loss(self.lora(batch[0]), batch[1])
-        self.log("train_loss", loss)
+        self.log("loss/train", loss)
         return loss
 
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         loss = F.mse_loss(self.lora(batch[0]), batch[1])
-        self.log_dict({"val_loss": loss, "val_ppl": loss.exp()})
+        self.log_dict({"loss/val": loss, "loss/val_ppl": loss.exp()})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -194,7 +194,7 @@ def test_end_strategy_pushes_byte_identical_adapter_config_and_card(
     assert metadata["datasets"] == [DATASET]
     assert metadata["library_name"] == "peft"
     assert {"lora", "qlora", f"base_model:adapter:{BASE}"} <= set(metadata["tags"])
-    assert "| val_loss |" in card and "| train_loss |" in card
+    assert "| loss/val |" in card and "| loss/train |" in card
     assert f'AutoPeftModelForCausalLM.from_pretrained("{REPO}"' in card
     assert "lora_alpha" not in card and "model_name_or_path: " + BASE in card
     assert_no_token(tmp_path)
@@ -407,7 +407,7 @@ def test_push_run_pushes_an_existing_run_folder_later(
     received = server.files("cat-lover/later")
     assert received == {**run_files(run_dir), "README.md": (run_dir / "README.md").read_bytes()}
     card = received["README.md"].decode()
-    assert "| val_loss |" in card and "hp_metric" not in card  # read back from TensorBoard
+    assert "| loss/val |" in card and "hp_metric" not in card  # read back from TensorBoard
     assert server.repos["cat-lover/later"].private
     with pytest.raises(FileNotFoundError, match="No adapter"):
         push_run(str(tmp_path))

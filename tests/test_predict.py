@@ -104,5 +104,5 @@ def test_validate_with_the_trained_adapter_matches_the_fits_last_validation(trai
     before = {p.name for p in trained.glob("version_*")}
     main(["validate", *STACK, *QUIET, "--model.adapter", "latest", "--samples.enabled", "false"])
     [run] = [p for p in trained.glob("version_*") if p.name not in before]
-    fit_loss = _events(trained / "version_0").Scalars("val_loss")[-1].value
-    assert _events(run).Scalars("val_loss")[-1].value == pytest.approx(fit_loss, rel=1e-3)
+    fit_loss = _events(trained / "version_0").Scalars("loss/val")[-1].value
+    assert _events(run).Scalars("loss/val")[-1].value == pytest.approx(fit_loss, rel=1e-3)

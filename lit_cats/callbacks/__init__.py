@@ -2,7 +2,15 @@
 
 from lit_cats.callbacks.hub_push import HubPushCallback
 from lit_cats.callbacks.prediction_writer import PredictionWriter
+from lit_cats.callbacks.progress import RunProgress, RunSummary
 from lit_cats.callbacks.samples import GenerationSamples
 from lit_cats.callbacks.throughput import TokenThroughput
 
-__all__ = ["GenerationSamples", "HubPushCallback", "PredictionWriter", "TokenThroughput"]
+__all__ = [
+    "GenerationSamples",
+    "HubPushCallback",
+    "PredictionWriter",
+    "RunProgress",
+    "RunSummary",
+    "TokenThroughput",
+]

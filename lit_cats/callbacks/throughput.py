@@ -12,7 +12,7 @@ from lit_cats.loss import label_token_count
 
 
 class TokenThroughput(L.Callback):
-    """Log ``train_tokens_per_s``: tokens that carry a label (no padding, no masked prompt).
+    """Log ``speed/tokens_per_s``: tokens that carry a label (no padding, no masked prompt).
 
     Under data parallelism the count is summed over every rank: the job's throughput.
 
@@ -57,5 +57,5 @@ class TokenThroughput(L.Callback):
         # Every rank reaches this step together: sum their tokens, so the value is the whole
         # job's throughput under DDP. The one host sync per logging interval.
         tokens = trainer.strategy.reduce(self._tokens, reduce_op="sum").item()
-        pl_module.log("train_tokens_per_s", tokens / max(elapsed, 1e-9), on_step=True)
+        pl_module.log("speed/tokens_per_s", tokens / max(elapsed, 1e-9), on_step=True)
         self._tokens, self._start = None, time.perf_counter()

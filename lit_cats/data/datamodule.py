@@ -280,6 +280,7 @@ class CatsDataModule(L.LightningDataModule):
             collate_fn=self.collate,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
+            trainer=self.trainer if train else None,  # step token counts when accumulating
         )
 
     def _packed_loader(self, ds: datasets.Dataset) -> DataLoader:
@@ -304,6 +305,7 @@ class CatsDataModule(L.LightningDataModule):
             collate_fn=pack_examples,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
+            trainer=trainer,  # step token counts when accumulating
         )
 
     def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

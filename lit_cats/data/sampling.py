@@ -2,7 +2,9 @@
 
 - :class:`LengthGroupedSampler`: a seeded shuffle, sorted by length within mega-batches.
 - :class:`TokenBudgetBatchSampler`: whole examples up to a token budget per step (packing).
-- :class:`ResumableDataLoader`: skips, on resume, the batches an interrupted epoch already served.
+- :class:`ResumableDataLoader`: skips, on resume, the batches an interrupted epoch already served,
+  and, under gradient accumulation, tells each micro-batch its optimizer step's label tokens
+  (:func:`with_step_shares`).
 - :func:`shard_train_sampler` / :func:`shard_eval_sampler`: each rank's share under data
   parallelism. Lightning wraps a custom sampler in ``DistributedSamplerWrapper(shuffle=True)``,
   which would shuffle the length-grouped order again; rank ``r`` takes positions
@@ -12,8 +14,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from itertools import islice
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -69,10 +73,13 @@ class ResumableDataLoader(DataLoader):
     for what these thirty lines do.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._served = 0
         self._skip = 0
+        # The training loader's Trainer: under gradient accumulation, each micro-batch carries
+        # its optimizer step's label tokens (with_step_shares). None: batches as collated.
+        self._trainer = trainer
 
     def __iter__(self) -> Iterator[Any]:
         skip, self._skip = self._skip, 0
@@ -82,7 +89,12 @@ class ResumableDataLoader(DataLoader):
         for _ in range(skip):
             next(iterator)
         self._served = skip
-        for batch in iterator:
+        trainer = self._trainer
+        if trainer is not None and trainer.accumulate_grad_batches > 1:
+            iterator = with_step_shares(
+                iterator, trainer.accumulate_grad_batches, skip, trainer.num_training_batches
+            )
+        for batch in iterator:  # counts micro-batches served, as without accumulation
             self._served += 1
             yield batch
 
@@ -91,6 +103,55 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._skip = state["batches_served"]
+
+
+#: The batch key of a micro-batch's :class:`StepShare`; the model removes it before the forward.
+STEP_SHARE_KEY = "step_share"
+
+
+class StepShare(NamedTuple):
+    """A micro-batch's place in its optimizer step under gradient accumulation.
+
+    Plain ints: Lightning leaves them on the host, and nothing waits for the device to read them.
+    """
+
+    tokens: int  #: label tokens of the whole step's micro-batches on this rank
+    index: int  #: this micro-batch's position in the step, from 0
+    size: int  #: micro-batches in the step (fewer than accumulate_grad_batches at an epoch's end)
+
+
+def with_step_shares(
+    batches: Iterator[dict[str, Any]], accumulate: int, start: int = 0, end: float = math.inf
+) -> Iterator[dict[str, Any]]:
+    """Read each optimizer step's micro-batches ahead and attach a :class:`StepShare` to each.
+
+    HF Trainer's ``get_batch_samples``: the step's label-token count must be known before its
+    first backward, so the step's loss can be the mean over all its tokens rather than the mean
+    of its micro-batches' means. Steps follow Lightning's: batch ``i`` of the epoch belongs to
+    step ``i // accumulate``, and Lightning steps at the epoch's last batch
+    (``trainer.num_training_batches``, ``end``), so the last step may hold fewer micro-batches.
+
+    Args:
+        batches: The collated micro-batches, from batch ``start`` of the epoch on.
+        accumulate: ``trainer.accumulate_grad_batches``.
+        start: Index in the epoch of the first batch (batches skipped on resume).
+        end: Batches Lightning takes from the epoch (``trainer.num_training_batches``).
+    """
+    from lit_cats.loss import label_token_count  # lit_cats.loss imports lit_cats.data
+
+    index = start
+    while True:
+        stop = (index // accumulate + 1) * accumulate
+        if index < end:
+            stop = min(stop, int(end)) if math.isfinite(end) else stop
+        window = list(islice(batches, stop - index))
+        if not window:
+            return
+        tokens = int(sum(int(label_token_count(batch["labels"])) for batch in window))
+        for position, batch in enumerate(window):
+            batch[STEP_SHARE_KEY] = StepShare(tokens, position, len(window))
+            yield batch
+        index += len(window)
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):
