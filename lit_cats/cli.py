@@ -129,7 +129,7 @@ class CatsCLI(LightningCLI):
             else None
         )
         if not ckpt_path or not Path(ckpt_path).is_file():
-            return super()._parse_ckpt_path()
+            return  # nothing to read (Lightning's own method returns here too)
         checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         hparams = migrate_hparams(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)

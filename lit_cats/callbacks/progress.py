@@ -112,7 +112,8 @@ class RunProgress(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, plain: bool | None = None) -> None:
         super().__init__(refresh_rate=refresh_rate)
         self.plain = plain
-        self._meter = _StepMeter()
+        self.meter = _StepMeter()  # plain lines only; RunSummary reads it instead of its own
+        self.last_interval: dict[str, float] = {}
         self._printed_step = -1
 
     @property
@@ -137,7 +138,7 @@ class RunProgress(TQDMProgressBar):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._meter.begin(trainer)
+        self.meter.begin(trainer)
         self._printed_step = trainer.global_step
         bar = self.train_progress_bar
         bar.reset(total=_total_steps(trainer))
@@ -158,7 +159,8 @@ class RunProgress(TQDMProgressBar):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._meter.batch_end(batch)
+        if self.is_plain:  # a bar needs no token counts
+            self.meter.batch_end(batch)
         step, bar = trainer.global_step, self.train_progress_bar
         if not self.is_plain and self._should_update(step, bar.total or 0) and bar.n != step:
             bar.n = step
@@ -182,19 +184,20 @@ class RunProgress(TQDMProgressBar):
     def _plain_line(self, trainer: L.Trainer, last: bool = False) -> None:
         if not self.is_plain or trainer.state.fn != "fit":
             return
-        self._meter.collect(trainer)
+        self.meter.collect(trainer)
         step = trainer.global_step
-        due = step % trainer.log_every_n_steps == 0 or (last and step > self._meter.mark_step)
+        due = step % trainer.log_every_n_steps == 0 or (last and step > self.meter.mark_step)
         if step == self._printed_step or not due:
             return
         self._printed_step = step
-        interval = self._meter.interval(trainer)  # every rank: tokens are summed over ranks
+        interval = self.meter.interval(trainer)  # every rank: tokens are summed over ranks
+        self.last_interval = interval
         if trainer.is_global_zero:
             print(self.plain_line(trainer, interval), flush=True)
 
     def plain_line(self, trainer: L.Trainer, interval: dict[str, float]) -> str:
         step, total = trainer.global_step, _total_steps(trainer)
-        elapsed = time.perf_counter() - self._meter.start
+        elapsed = time.perf_counter() - self.meter.start
         parts = [f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"]
         parts.append(f"loss {interval['loss']:.4f}")
         if trainer.optimizers:
@@ -204,7 +207,7 @@ class RunProgress(TQDMProgressBar):
             parts.append(f"grad_norm {float(grad_norm):.3g}")
         parts.append(f"tokens/s {interval['tokens'] / max(interval['seconds'], 1e-9):,.0f}")
         parts.append(f"elapsed {_duration(elapsed)}")
-        done = step - self._meter.start_step
+        done = step - self.meter.start_step
         if total and done > 0:
             parts.append(f"eta {_duration(elapsed / done * (total - step))}")
         return "  ".join(parts)
@@ -236,9 +239,14 @@ class RunSummary(L.Callback):
         self.configs = [str(c) for c in configs]
         self._meter = _StepMeter()
         self._last: dict[str, float] = {}
+        self._lines: RunProgress | None = None  # plain progress lines whose meter is shared
         self.text = ""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Plain progress lines measure the same intervals: count tokens (and sync) once.
+        self._lines = next(
+            (cb for cb in trainer.callbacks if isinstance(cb, RunProgress) and cb.is_plain), None
+        )
         self._meter.begin(trainer)
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
@@ -246,7 +254,8 @@ class RunSummary(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
-        self._meter.batch_end(batch)
+        if self._lines is None:
+            self._meter.batch_end(batch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._interval(trainer)
@@ -255,6 +264,8 @@ class RunSummary(L.Callback):
         self._interval(trainer, last=True)
 
     def _interval(self, trainer: L.Trainer, last: bool = False) -> None:
+        if self._lines is not None:
+            return
         self._meter.collect(trainer)
         step = trainer.global_step
         if step > self._meter.mark_step and (step % trainer.log_every_n_steps == 0 or last):
@@ -268,7 +279,10 @@ class RunSummary(L.Callback):
             print(self.text, flush=True)
 
     def summary(self, trainer: L.Trainer, run_dir: Path) -> str:
-        meter, last = self._meter, self._last
+        if self._lines is not None:
+            meter, last = self._lines.meter, self._lines.last_interval
+        else:
+            meter, last = self._meter, self._last
         steps = trainer.global_step - meter.start_step
         elapsed = time.perf_counter() - meter.start
         lines = [
