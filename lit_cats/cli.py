@@ -24,6 +24,7 @@ from lit_cats.callbacks import (
     RunSummary,
 )
 from lit_cats.data.datamodule import CatsDataModule
+from lit_cats.errors import reported
 from lit_cats.fast.settings import LEGACY_KEYS
 from lit_cats.hub import push_run
 from lit_cats.inference.merge import merge_adapter
@@ -260,6 +261,14 @@ def main(args: Sequence[str] | None = None) -> None:
         args: Command-line arguments; ``None`` reads ``sys.argv``.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    with reported(argv):
+        _main(argv)
+
+
+def _main(argv: list[str]) -> None:
+    """:func:`main` inside the usage-error report (see :mod:`lit_cats.errors`)."""
+    if "--debug" in argv:  # read by lit_cats.errors; not an option of any command
+        argv = [a for a in argv if a != "--debug"]
     helpers = _helper_commands()
     if argv and argv[0] in helpers:
         auto_cli(helpers[argv[0]], args=argv[1:], prog=f"lit-cats {argv[0]}")
@@ -272,7 +281,7 @@ def main(args: Sequence[str] | None = None) -> None:
     CatsCLI(
         QLoRAModule if subcommand == "fit" else AdapterModule,
         CatsDataModule,
-        args=None if args is None else argv,
+        args=argv,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # the module's injected optimizer/scheduler decide
