@@ -25,6 +25,28 @@ class UsageError(Exception):
     """A mistake the user can fix. The message says what is wrong and what to do."""
 
 
+class InvalidSetting(UsageError, ValueError):
+    """A setting or input of the wrong value. Also a ``ValueError``, which callers of the
+    library (and jsonargparse) catch for bad values."""
+
+
+class MissingFile(UsageError, FileNotFoundError):
+    """A file or folder the user named does not exist. Also a ``FileNotFoundError``."""
+
+
+class MissingDependency(UsageError, RuntimeError):
+    """A package a chosen setting needs is not installed. Also a ``RuntimeError``."""
+
+
+class Unreachable(UsageError, RuntimeError):
+    """A model, tokenizer, adapter or dataset could not be fetched (no network, offline mode)
+    and is not cached. Also a ``RuntimeError``."""
+
+
+class TrainingDiverged(UsageError, ArithmeticError):
+    """The loss or gradient norm became NaN or infinite; nothing of the diverged run is saved."""
+
+
 def debugging(argv: Sequence[str] = ()) -> bool:
     """Whether tracebacks of usage errors are wanted (``LIT_CATS_DEBUG=1`` or ``--debug``)."""
     flag = os.environ.get("LIT_CATS_DEBUG", "").strip().lower() not in ("", "0", "false", "no")

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lit_cats.errors import Unreachable
+
 
 def looks_like_path(name: str) -> bool:
     """True for strings a user means as a local path rather than a Hub id ``owner/name``."""
@@ -31,6 +33,17 @@ def newest_match(root: str | Path, pattern: str) -> Path | None:
     return max(Path(root).glob(pattern), key=lambda p: p.stat().st_mtime, default=None)
 
 
+def run_files(root: str | Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` inside the run folders (``version_*/``) of the experiment at
+    ``root``, newest written first.
+
+    Only the runs' own folders: copies elsewhere under the experiment (the Hub push's
+    ``hub-dry-run/last-checkpoint/``, its staging folders) are not this experiment's runs.
+    """
+    found = Path(root).glob(f"version_*/{pattern}")
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 @contextlib.contextmanager
 def hub_errors(kind: str, name: str, local_hint: str) -> Iterator[None]:
     """Re-raise connection failures while fetching ``name`` with what to do instead.
@@ -45,7 +58,7 @@ def hub_errors(kind: str, name: str, local_hint: str) -> Iterator[None]:
     except FileNotFoundError:
         raise
     except (OSError, ConnectionError) as exc:  # requests/httpx errors derive from OSError
-        raise RuntimeError(
+        raise Unreachable(
             f"Could not load {kind} {name!r} from the Hugging Face Hub, and it is not in the "
             f"local cache ({type(exc).__name__}: {str(exc).splitlines()[0]}). Check the network "
             f"(and HF_ENDPOINT / HF_HUB_OFFLINE), or {local_hint}."

@@ -23,12 +23,35 @@ class CatsTensorBoardLogger(TensorBoardLogger):
 
     Lightning adds ``epoch`` to every metric it logs, so TensorBoard's Time Series page opens on
     an ``epoch`` chart; the step axis already says how far a run got. The layout
-    (:data:`CUSTOM_SCALARS_LAYOUT`) is written once, with the first metrics.
+    (:data:`CUSTOM_SCALARS_LAYOUT`) is written once, with the first metrics. A resumed run
+    writes into the interrupted run's folder (:meth:`resume`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._layout_written = False
+
+    def resume(self, version: int | str, step: int) -> None:
+        """Write into run folder ``version`` and continue its curves at ``step``.
+
+        Events the interrupted run logged at ``step`` or later (those after its checkpoint) are
+        dropped by TensorBoard: the writer opens with ``purge_step``, which records a restart
+        there, so the folder shows one continuous run. Call before anything is logged.
+
+        Args:
+            version: The run folder, ``version_N`` (or ``N``), under ``save_dir/name``.
+            step: The first step the resumed run logs (the checkpoint's ``global_step``).
+
+        Raises:
+            RuntimeError: If this logger has written already (it would miss the purge).
+        """
+        if self._experiment is not None:
+            raise RuntimeError("CatsTensorBoardLogger.resume must come before anything is logged.")
+        # Lightning's logger keeps both privately: no public setter exists for either, and its
+        # __init__ (``version=``, SummaryWriter ``**kwargs``) has run by the time a checkpoint
+        # names the folder.
+        self._version = version
+        self._kwargs["purge_step"] = step
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

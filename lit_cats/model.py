@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from lit_cats.data.sampling import STEP_SHARE_KEY
+from lit_cats.errors import InvalidSetting, TrainingDiverged
 from lit_cats.fast import SpeedKit, SpeedSettings
 from lit_cats.inference.adapters import ADAPTER_DIRNAME
 from lit_cats.loss import StepTokenMean, average_tokens_across_ranks, label_token_count
@@ -48,6 +50,97 @@ def default_scheduler(optimizer: torch.optim.Optimizer, num_training_steps: int)
     ``WarmupLR`` scheduler of ``configs/qlora.yaml``) reproduces the original literally.
     """
     return WarmupLR(optimizer, num_training_steps, warmup_ratio=0.03, schedule="constant")
+
+
+def check_optimization(
+    optimizer_factory: OptimizerCallable,
+    scheduler_factory: LRSchedulerCallable | None,
+    total_steps: int | None,
+) -> None:
+    """Build the optimizer and scheduler on a one-number probe and refuse what cannot train.
+
+    Cheap (no model), so a zero or negative learning rate or a warm-up longer than the run is
+    reported before the base model loads, not after.
+
+    Raises:
+        InvalidSetting: For a learning rate <= 0, settings the optimizer or scheduler refuses,
+            or a warm-up longer than ``total_steps``.
+    """
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:  # torch's optimizers check their own arguments ("Invalid learning rate: -1.0")
+        optimizer = optimizer_factory([probe])
+    except ValueError as exc:
+        raise InvalidSetting(
+            f"The optimizer refuses its settings ({exc}). Fix --model.optimizer.init_args.*."
+        ) from exc
+    lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    if not all(lr > 0 for lr in lrs):  # not > 0 also catches NaN
+        raise InvalidSetting(
+            f"The learning rate is {lrs[0]:g}; it must be greater than 0 (nothing would train). "
+            "Set --model.optimizer.init_args.lr (the recipe's is 2e-4)."
+        )
+    if scheduler_factory is None or total_steps is None:
+        return
+    try:
+        try:  # as configure_optimizers calls it
+            scheduler = scheduler_factory(optimizer, num_training_steps=total_steps)
+        except TypeError as exc:
+            if "num_training_steps" not in str(exc):
+                raise
+            scheduler = scheduler_factory(optimizer)
+    except ValueError as exc:
+        raise InvalidSetting(
+            f"The learning-rate schedule refuses its settings ({exc}). Fix "
+            "--model.scheduler.init_args.*."
+        ) from exc
+    warmup = getattr(scheduler, "warmup_steps", None)
+    if isinstance(warmup, int) and warmup > total_steps:
+        raise InvalidSetting(
+            f"The warm-up lasts {warmup} optimizer steps but the run has {total_steps}: the "
+            "learning rate would never reach its peak. Lower "
+            "--model.scheduler.init_args.warmup_steps (or use warmup_ratio), or train longer "
+            "(--trainer.max_steps, --trainer.max_epochs)."
+        )
+
+
+class DivergenceGuard:
+    """Watches the training loss and gradient norm for NaN or inf without a host sync per step.
+
+    :meth:`note` keeps, on the device, the first step at which each went non-finite;
+    :meth:`check` (one sync) raises :class:`TrainingDiverged` once that happened. The module
+    checks every ``log_every_n_steps``, before writing a checkpoint and before saving the
+    adapter, so a diverged run stops with an error and never saves, pushes or cards its
+    weights. The gradient norm is noted before clipping and the optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self._first_bad: dict[str, torch.Tensor] = {}
+        self.checked_step = -1  # the step of the last check
+
+    def note(self, what: str, value: torch.Tensor, step: int) -> None:
+        """Remember ``step`` if ``value`` is NaN or infinite and ``what`` was fine until now."""
+        bad_step = torch.where(torch.isfinite(value.detach()), _NEVER, step)
+        first = self._first_bad.get(what)
+        self._first_bad[what] = bad_step if first is None else torch.minimum(first, bad_step)
+
+    def check(self, step: int) -> None:
+        """Raise if anything noted went non-finite (one host sync)."""
+        self.checked_step = step
+        bad = {what: int(first) for what, first in self._first_bad.items() if int(first) < _NEVER}
+        if not bad:
+            return
+        what, first = min(bad.items(), key=lambda item: item[1])
+        raise TrainingDiverged(
+            f"Training diverged: the {what} became NaN or infinite at step {first + 1} (checked "
+            f"at step {step}), so its weights are no longer usable. Nothing from that step on was "
+            "saved, pushed or carded; checkpoints written before it are intact. Lower the "
+            "learning rate (--model.optimizer.init_args.lr), keep gradient clipping on "
+            "(--trainer.gradient_clip_val), and check the data for broken rows."
+        )
+
+
+#: "Not yet": larger than any step number.
+_NEVER = 2**62
 
 
 class QLoRAModule(L.LightningModule):
@@ -111,6 +204,26 @@ class QLoRAModule(L.LightningModule):
         self.step_token_mean = StepTokenMean()  # weighs accumulated micro-batches by tokens
         # Checkpoints hold only trainable tensors; loading them must not demand the base's.
         self.strict_loading = False
+        self.divergence = DivergenceGuard()
+
+    def setup(self, stage: str) -> None:
+        """Check what can be checked before the base model loads (``configure_model`` comes
+        next): the learning rate, and the warm-up against the run's length."""
+        if stage == "fit":
+            check_optimization(
+                self.optimizer_factory, self.scheduler_factory, self._planned_steps()
+            )
+
+    def _planned_steps(self) -> int | None:
+        """Optimizer steps of the whole run, as far as known without building a data loader
+        (building one here would come before a resumed run restores the loader's position)."""
+        trainer = self.trainer
+        limits = [trainer.max_steps] if trainer.max_steps > 0 else []
+        batches = getattr(trainer.datamodule, "batches_per_epoch", lambda: None)()
+        epochs = trainer.max_epochs
+        if batches and epochs is not None and epochs > 0 and trainer.limit_train_batches == 1.0:
+            limits.append(math.ceil(batches / trainer.accumulate_grad_batches) * epochs)
+        return min(limits, default=None)
 
     # ----------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -170,7 +283,17 @@ class QLoRAModule(L.LightningModule):
         else:  # and each micro-batch by its share of the optimizer step's tokens
             loss, step_loss = self.step_token_mean(loss, tokens, share, self.trainer)
         self.log("loss/train", step_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.divergence.note("loss", step_loss, self.trainer.global_step)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # One host sync per log interval, not per step, and once per step: under accumulation
+        # this hook also runs after each micro-batch of the next step.
+        if self._trainer is None:  # called by hand (benchmarks), not by a Trainer
+            return
+        step, every = self.trainer.global_step, self.trainer.log_every_n_steps
+        if step and every and step % every == 0 and step != self.divergence.checked_step:
+            self.divergence.check(step)
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.kit.prepare_step(self.model, batch)  # e.g. the attention packed rows need
@@ -196,6 +319,7 @@ class QLoRAModule(L.LightningModule):
         if grads:  # pre-clipping norm, as HF's Trainer logs it; stays on device (no host sync)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             self.log("optim/grad_norm", norm, on_step=True, on_epoch=False)
+            self.divergence.note("gradient norm", norm, self.trainer.global_step)
 
     # ----------------------------------------------------------------------------- optim
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -227,13 +351,18 @@ class QLoRAModule(L.LightningModule):
         """
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to checkpoint weights a NaN or infinite step has reached (before the file is
+        written: Lightning calls this hook first)."""
+        self.divergence.check(self.trainer.global_step)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose tensors are not exactly this model's adapters."""
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
         found = set(checkpoint["state_dict"])
         if expected and found != expected:
             missing, extra = sorted(expected - found)[:3], sorted(found - expected)[:3]
-            raise ValueError(
+            raise InvalidSetting(
                 "The checkpoint's adapter tensors do not match this model's (missing e.g. "
                 f"{missing}, unexpected e.g. {extra}). Resume with the same model, r and "
                 "target_modules as the run that wrote it, or start a new run without ckpt_path."
@@ -242,7 +371,9 @@ class QLoRAModule(L.LightningModule):
     def save_adapter(self, path: str | Path) -> Path:
         """Save the adapter in PEFT format with the tokenizer (``PeftModel.from_pretrained``)."""
         path = Path(path)
-        self.model.save_pretrained(path)
+        # Embeddings are never adapted (targets are linear layers) nor resized, so peft's
+        # "auto" check, which fetches the base's config.json from the Hub, is not needed.
+        self.model.save_pretrained(path, save_embedding_layers=False)
         self.get_tokenizer().save_pretrained(path)
         return path
 
@@ -255,6 +386,7 @@ class QLoRAModule(L.LightningModule):
         """Save the final adapter into the run folder (and ``output_dir``), on rank zero."""
         # log_dir is a broadcast: every rank must read it, or rank zero waits forever.
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        self.divergence.check(self.trainer.global_step)  # never save a diverged adapter
         if not self.trainer.is_global_zero:
             return
         folders = [run_dir / ADAPTER_DIRNAME]

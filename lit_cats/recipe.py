@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_cats.errors import InvalidSetting, MissingDependency, MissingFile
 from lit_cats.locations import hub_errors, looks_like_path
 from lit_cats.tiny import TINY_MODEL_ID, resolve_model_path
 
@@ -31,13 +32,15 @@ def parse_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"Unknown dtype {name!r}; expected one of {sorted(_DTYPES)}.") from None
+        raise InvalidSetting(
+            f"Unknown dtype {name!r}; expected one of {sorted(_DTYPES)}."
+        ) from None
 
 
 def require_bitsandbytes() -> None:
     """Fail early, with the fix, when 4-bit loading cannot work on this machine."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(
+        raise MissingDependency(
             "load_in_4bit=true needs the 'bitsandbytes' package, which is not installed. "
             "Install it (pip install 'bitsandbytes>=0.48'; it runs NF4 on CPU and CUDA), or "
             "train without quantization with --model.load_in_4bit false."
@@ -55,7 +58,7 @@ def build_bnb_config(
         compute_dtype: dtype the 4-bit weights are dequantized to for matmuls.
     """
     if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {quant_type!r}.")
+        raise InvalidSetting(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {quant_type!r}.")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -99,7 +102,7 @@ def resolve_target_modules(model: nn.Module, target_modules: str | Sequence[str]
         target_modules = [target_modules]
     missing = [name for name in target_modules if name not in available]
     if missing or not target_modules:
-        raise ValueError(
+        raise InvalidSetting(
             f"LoRA target_modules {missing or list(target_modules)} match no linear layer of "
             f"this model. Its linear layers are {available} (Phi-3 fuses q/k/v into 'qkv_proj' "
             "and gate/up into 'gate_up_proj'). Use names from that list, or 'all-linear'."
@@ -129,9 +132,9 @@ def build_lora_config(
 ) -> LoraConfig:
     """LoRA (Hu et al., 2021) on the given, already-checked module names."""
     if r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive integer, got {r}.")
+        raise InvalidSetting(f"LoRA rank r must be a positive integer, got {r}.")
     if not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
+        raise InvalidSetting(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
     return LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
@@ -152,7 +155,7 @@ def resolve_pretrained(name_or_path: str) -> str:
     if name_or_path == TINY_MODEL_ID:
         return resolve_model_path(name_or_path)
     if looks_like_path(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"Model path {name_or_path!r} does not exist. Pass an existing folder saved with "
             f"save_pretrained, a Hub id such as 'microsoft/Phi-3-mini-4k-instruct', or "
             f"{TINY_MODEL_ID!r} for the offline tiny model."
@@ -202,6 +205,10 @@ def load_base(
     hint = "pass a local folder saved with save_pretrained instead of the Hub id"
     with hub_errors("model", name_or_path, hint):
         model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path), **kwargs)
+    if name_or_path == TINY_MODEL_ID:
+        # Recorded as the base of every adapter trained on it (peft reads name_or_path): the
+        # reserved name, which resolves on any machine, not this machine's cache folder.
+        model.config.name_or_path = model.name_or_path = TINY_MODEL_ID
     return model.eval()
 
 

@@ -131,3 +131,46 @@ def test_a_checkpoint_at_the_end_of_an_epoch_does_not_skip_the_next(tiny_path):
     everything = _input_ids(loader)
     loader.load_state_dict(loader.state_dict())  # served the whole epoch
     assert _input_ids(loader) == everything
+
+
+def _chats(path: Path, prompt_words: list[int], answer_words: list[int] | None = None) -> str:
+    """One chat per entry: a user prompt of that many words, then an answer (of 2 words, or
+    of ``answer_words``)."""
+    answers = answer_words or [2] * len(prompt_words)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(["meow"] * n) + "?"},
+                {"role": "assistant", "content": " ".join(["void"] * a) + "."},
+            ]
+        }
+        for n, a in zip(prompt_words, answers, strict=True)
+    ]
+    return _write_jsonl(path, rows)
+
+
+def test_many_truncated_examples_warn_with_the_share_and_the_setting(tiny_path):
+    with pytest.warns(UserWarning, match=r"\(\d+%\) are longer than max_seq_length=40") as warned:
+        _setup("lit-cats/cat-memes", max_seq_length=40)
+    message = next(str(w.message) for w in warned if "truncated" in str(w.message))
+    assert "more than 10%: raise --data.max_seq_length (the longest example has" in message
+
+
+def test_a_few_truncated_examples_only_inform(tiny_path, tmp_path, recwarn):
+    path = _chats(tmp_path / "c.jsonl", [2] * 20, [2] * 19 + [60])  # 1 of 20 (5%) too long
+    dm = _setup(path, max_seq_length=40, val_size=0.0)
+    assert len(dm.train_dataset) == 20  # its answer survives: kept
+    assert not [w for w in recwarn if "truncated" in str(w.message)]
+
+
+def test_examples_with_nothing_left_to_learn_are_left_out(tiny_path, tmp_path):
+    path = _chats(tmp_path / "c.jsonl", [2, 60, 2, 2, 60, 2])  # rows 1 and 4: answer cut off
+    with pytest.warns(UserWarning, match=r"2 of 6 examples have no token to learn from"):
+        dm = _setup(path, max_seq_length=24, val_size=0.0)
+    assert len(dm.train_dataset) == 4
+    assert all(n > 0 for n in dm.train_dataset["num_labels"])
+
+
+def test_batches_per_epoch_is_known_before_the_loader(tiny_path):
+    dm = _setup("lit-cats/cat-memes", batch_size=8)
+    assert dm.batches_per_epoch() == len(list(dm.train_dataloader()))

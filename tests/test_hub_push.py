@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import logging
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,7 +95,9 @@ class RandomData(L.LightningDataModule):
         return DataLoader(self.data, batch_size=8)
 
 
-def fit(tmp_path: Path, max_steps: int = 5, **hub_args: Any) -> tuple[Path, L.Trainer]:
+def fit(
+    tmp_path: Path, max_steps: int = 5, ckpt_path: str | None = None, **hub_args: Any
+) -> tuple[Path, L.Trainer]:
     """Fit through LightningCLI with the hub callback; checkpoints every 2 steps."""
     callback_args = {"max_retries": 2, "retry_backoff_s": 0.01, "timeout_s": 30, **hub_args}
     config = {
@@ -118,6 +121,7 @@ def fit(tmp_path: Path, max_steps: int = 5, **hub_args: Any) -> tuple[Path, L.Tr
                 },
             ],
         },
+        "ckpt_path": ckpt_path,
     }
     config_path = tmp_path / f"fit-{len(list(tmp_path.glob('fit-*.yaml')))}.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -265,6 +269,7 @@ def test_failed_push_leaves_a_finished_run_and_the_retry_command(
     failure: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="lit_cats.hub.pusher")  # the retries, not shown
     with FakeHub(token=TOKEN, always_fail=True) as server:
         point_hub(server.url if failure == "server answers 500" else closed_port_url())
         with pytest.warns(UserWarning, match="push of the final adapter failed") as warned:
@@ -273,13 +278,19 @@ def test_failed_push_leaves_a_finished_run_and_the_retry_command(
     assert trainer.state.finished and trainer.global_step == 5
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     messages = [str(w.message) for w in warned]
-    final = next(m for m in messages if "final adapter" in m)
+    # Three pushes failed (two checkpoints and the final one): one warning says it all.
+    (final,) = [m for m in messages if "push" in m.lower() and "Hub" in m]
     assert f"lit-cats push {run_dir} --repo_id cat-lover/saved" in final
     assert str(run_dir / "adapter") in final
+    assert "as did 2 checkpoint push(es)" in final
+    assert "Traceback" not in final and len(final.splitlines()) == 2  # the reason, the command
     if failure == "server answers 500":  # each of the 3 pushes tried 1 + max_retries times
         assert server.requests.count(("POST", "/api/repos/create")) == 3 * 3
         assert not server.commits
+    else:
+        assert "could not be reached" in final
     assert "retry 2/2" in caplog.text  # retried with backoff before giving up
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records if "lit_cats" in r.name)
     assert_no_token(tmp_path, texts=(*messages, caplog.text))
 
 
@@ -418,12 +429,31 @@ def test_push_run_dry_run_needs_no_network(
 ) -> None:
     point_hub(closed_port_url())
     run_dir, _ = fit(tmp_path, strategy="end", dry_run_dir=str(tmp_path / "first"))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
     push_run(str(run_dir / "adapter"), dry_run_dir=str(tmp_path / "later"))
+    # The run folder is the record of the run: a dry run leaves it as it was (its README too).
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
     later = tmp_path / "later"
     assert (later / "adapter_model.safetensors").read_bytes() == (
         run_dir / "adapter" / "adapter_model.safetensors"
     ).read_bytes()
     assert "<your-username>/cats-run" in (later / "README.md").read_text()
+
+
+def test_push_warns_when_vllm_could_not_serve_the_adapter(
+    point_hub: Callable[[str], None], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    point_hub(closed_port_url())
+    run_dir, _ = fit(tmp_path, strategy="end", dry_run_dir=str(tmp_path / "first"))
+    push_run(str(run_dir), dry_run_dir=str(tmp_path / "plain"))
+    assert "vLLM" not in capsys.readouterr().err  # the recipe's adapter: nothing to say
+    config_file = run_dir / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "r": 64, "modules_to_save": ["lm_head"]}))
+    push_run(str(run_dir), dry_run_dir=str(tmp_path / "wide"))
+    err = capsys.readouterr().err
+    assert "warning:" in err and "--max-lora-rank 64" in err and "modules_to_save" in err
 
 
 @pytest.mark.parametrize(
@@ -455,3 +485,38 @@ def test_a_bare_repo_name_goes_under_the_logged_in_user(hub: FakeHub, tmp_path: 
     assert [c.repo_id for c in hub.commits] == [
         "cat-lover/phi-3-mini-4k-instruct-existential-cats-v1"
     ]
+
+
+def test_a_resumed_runs_pushed_config_reruns_it_from_scratch(
+    point_hub: Callable[[str], None], tmp_path: Path
+) -> None:
+    point_hub(closed_port_url())
+    first, _ = fit(tmp_path, max_steps=4, strategy="end", dry_run_dir=str(tmp_path / "dry-1"))
+    checkpoint = str(first / "checkpoints" / "last.ckpt")
+    dry = tmp_path / "dry-2"
+    resumed, _ = fit(tmp_path, max_steps=6, ckpt_path=checkpoint, dry_run_dir=str(dry))
+
+    own = yaml.safe_load((resumed / "config.yaml").read_text())
+    assert own["ckpt_path"] == checkpoint  # the run's own record says how it was started
+    pushed = yaml.safe_load((dry / "config.yaml").read_text())
+    assert pushed == {**own, "ckpt_path": None}
+    assert "`lit-cats fit --config config.yaml` reruns it" in (dry / "README.md").read_text()
+    # What the card says to run: the same settings, trained from step 0.
+    rerun = LightningCLI(
+        AdapterModule, RandomData, args=["fit", "--config", str(dry / "config.yaml")]
+    )
+    assert rerun.trainer.ckpt_path is None and rerun.trainer.global_step == 6
+
+
+def test_staging_left_by_a_killed_run_is_removed_on_the_next_start(
+    point_hub: Callable[[str], None], tmp_path: Path
+) -> None:
+    point_hub(closed_port_url())
+    first, _ = fit(tmp_path, strategy="checkpoint", dry_run_dir=str(tmp_path / "dry"))
+    assert not (first / ".hub-staging").exists()  # each push's copies go once it is done
+    stale = first / ".hub-staging" / "step-2"  # what a run killed mid-upload leaves behind
+    stale.mkdir(parents=True)
+    (stale / "last.ckpt").write_bytes(b"half a checkpoint")
+    second, _ = fit(tmp_path, strategy="checkpoint", dry_run_dir=str(tmp_path / "dry"))
+    assert second != first
+    assert not (first / ".hub-staging").exists() and not (second / ".hub-staging").exists()

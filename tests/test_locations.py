@@ -8,7 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from lit_cats.locations import experiment_dir, hub_errors, looks_like_path, newest_match
+from lit_cats.locations import (
+    experiment_dir,
+    hub_errors,
+    looks_like_path,
+    newest_match,
+    run_files,
+)
 
 
 def test_paths_and_hub_ids_are_told_apart(tmp_path, monkeypatch):
@@ -36,6 +42,18 @@ def test_newest_match_is_the_most_recently_written(tmp_path):
         os.utime(path, ns=(i, i))
     assert newest_match(tmp_path, "*/last.ckpt") == old
     assert newest_match(tmp_path, "*/none.ckpt") is None
+
+
+def test_run_files_are_the_run_folders_own_newest_first(tmp_path):
+    files = ["version_0/checkpoints/last.ckpt", "version_1/checkpoints/last.ckpt"]
+    copies = ["hub-dry-run/last-checkpoint/last.ckpt", ".hub-staging/step-5/last.ckpt"]
+    for i, name in enumerate(files + copies):  # the copies written last
+        path = tmp_path / name
+        path.parent.mkdir(parents=True)
+        path.write_text("x")
+        os.utime(path, ns=(i, i))
+    found = run_files(tmp_path, "checkpoints/last*.ckpt")
+    assert found == [tmp_path / files[1], tmp_path / files[0]]
 
 
 def test_hub_failures_say_what_to_do_instead():

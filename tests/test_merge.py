@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import save_random_adapter
@@ -119,3 +121,28 @@ def test_merge_command_bf16_next_to_the_adapter_and_predict_uses_it(adapter, cap
 def test_merge_refuses_an_out_of_tolerance_result(adapter, tmp_path):
     with pytest.raises(RuntimeError, match="does not match adapter-on-base"):
         merge_adapter(str(adapter), str(tmp_path / "m"), device="cpu", tolerance=0.0)
+
+
+def test_a_tiny_adapter_names_its_base_by_id_and_merges_offline(adapter, merged_fp32, tiny_path):
+    # The reserved name, which resolves on any machine, not this machine's cache folder.
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == TINY_MODEL_ID
+    assert "base_model: lit-cats/tiny-phi3" in (adapter / "README.md").read_text()
+    assert not any(str(tiny_path).encode() in p.read_bytes() for p in adapter.iterdir())
+    assert merged_fp32.base == TINY_MODEL_ID  # found from the adapter alone (no --base), offline
+
+
+def test_merge_into_a_non_empty_folder_needs_overwrite(adapter, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    args = ["merge", "--adapter", str(adapter), "--output_dir", str(out), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not empty (holds notes.txt)" in err and "--overwrite true" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # refused before writing anything
+    main([*args, "--overwrite", "true"])
+    assert (out / "model.safetensors").is_file()
+    assert (out / "notes.txt").read_text() == "keep me"

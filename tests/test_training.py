@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from lit_cats.data.datamodule import CatsDataModule
 from lit_cats.model import QLoRAModule
-from lit_cats.recipe import build_bnb_config, keep_cpu_4bit_weights_trainable
+from lit_cats.recipe import build_bnb_config, keep_cpu_4bit_weights_trainable, resolve_pretrained
 from lit_cats.tiny import TINY_MODEL_ID
 
 
@@ -183,7 +183,7 @@ def test_final_adapter_reloads_with_identical_logits(trained):
         expected = model.model(input_ids=ids).logits
     # What a user does: load the 4-bit base, prepare it the same way, attach the adapter.
     base = AutoModelForCausalLM.from_pretrained(
-        model.model.base_model.model.name_or_path,
+        resolve_pretrained(model.model.base_model.model.name_or_path),
         quantization_config=build_bnb_config(),
         dtype=torch.bfloat16,
         device_map={"": "cpu"},

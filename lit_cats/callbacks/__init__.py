@@ -3,6 +3,7 @@
 from lit_cats.callbacks.hub_push import HubPushCallback
 from lit_cats.callbacks.prediction_writer import PredictionWriter
 from lit_cats.callbacks.progress import RunProgress, RunSummary
+from lit_cats.callbacks.rng_state import RNGState
 from lit_cats.callbacks.samples import GenerationSamples
 from lit_cats.callbacks.throughput import TokenThroughput
 
@@ -10,6 +11,7 @@ __all__ = [
     "GenerationSamples",
     "HubPushCallback",
     "PredictionWriter",
+    "RNGState",
     "RunProgress",
     "RunSummary",
     "TokenThroughput",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 from concurrent.futures import Future, wait
 from pathlib import Path
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_cats.errors import InvalidSetting
 from lit_cats.hub import (
     CARD_FILENAME,
     CHECKPOINT_FILENAME,
@@ -20,13 +22,18 @@ from lit_cats.hub import (
     RunSummary,
     UploadPlan,
     checkpoint_plan,
+    describe_failure,
     push_command,
+    rerun_configs,
     run_name,
     run_plan,
     summarize_run,
     write_card,
 )
 from lit_cats.inference import ADAPTER_CONFIG, ADAPTER_DIRNAME
+
+#: Folder of a run where each push's files wait for their upload (removed after it).
+STAGING_DIRNAME = ".hub-staging"
 
 Strategy = Literal["end", "every_save", "checkpoint"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -80,11 +87,11 @@ class HubPushCallback(L.Callback):
         enabled: bool = True,
     ) -> None:
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+            raise InvalidSetting(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
         if repo_id is not None and (repo_id.count("/") > 1 or not repo_id.strip("/")):
-            raise ValueError(f"repo_id must look like 'owner/name' or 'name', got {repo_id!r}.")
+            raise InvalidSetting(f"repo_id must look like 'owner/name' or 'name', got {repo_id!r}.")
         if max_retries < 0 or retry_backoff_s < 0 or timeout_s <= 0:
-            raise ValueError(
+            raise InvalidSetting(
                 "max_retries and retry_backoff_s must be >= 0 and timeout_s > 0, got "
                 f"{max_retries}, {retry_backoff_s} and {timeout_s}."
             )
@@ -111,6 +118,7 @@ class HubPushCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         self._run_dir = Path(log_dir or trainer.default_root_dir)
+        remove_stale_staging(self._run_dir)
         self._pusher = HubPusher(
             self.repo_id,
             run_name(self._run_dir),
@@ -164,7 +172,7 @@ class HubPushCallback(L.Callback):
             return
         self._save_pending = False
         try:
-            staging = self._staging_dir(trainer.global_step)
+            staging = self._staging_dir(f"step-{trainer.global_step}")
             plan = self._checkpoint_files(trainer, pl_module, staging)
         except Exception as exc:  # skip this checkpoint's push; training goes on
             rank_zero_warn(
@@ -187,9 +195,8 @@ class HubPushCallback(L.Callback):
             # never ends without its adapter on disk.
             _save_adapter(pl_module, adapter_dir)
         plan = run_plan(self._run_dir, adapter_dir)
-        staging = None
+        staging = self._staging_dir(f"final-step-{trainer.global_step}")
         if self._save_pending and self.strategy == "checkpoint":
-            staging = self._staging_dir(trainer.global_step)
             plan |= self._last_checkpoint_files(trainer, adapter_dir, staging)
         self._save_pending = False
         summary = self._summary(trainer, adapter_dir)
@@ -226,18 +233,19 @@ class HubPushCallback(L.Callback):
         card_path: Path,
         summary: RunSummary,
         message: str,
-        staging: Path | None,
+        staging: Path,
     ) -> Future[str]:
         assert self._pusher is not None
 
         def build_plan(repo_id: str) -> UploadPlan:
-            return {**plan, CARD_FILENAME: write_card(card_path, repo_id, summary)}
+            # config.yaml as a rerun: a resumed run's own holds its ckpt_path
+            files = rerun_configs(plan, staging / "rerun")
+            return {**files, CARD_FILENAME: write_card(card_path, repo_id, summary)}
 
         def remove_staging() -> None:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-                with contextlib.suppress(OSError):  # the last one out removes the parent
-                    staging.parent.rmdir()
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the last one out removes the parent
+                staging.parent.rmdir()
 
         future = self._pusher.push_in_background(build_plan, message, remove_staging)
         self._futures.append(future)
@@ -252,8 +260,8 @@ class HubPushCallback(L.Callback):
         resumable = self.strategy == "checkpoint"
         return summarize_run(self._run_dir, adapter_dir, metrics, trainer.global_step, resumable)
 
-    def _staging_dir(self, step: int) -> Path:
-        path = self._run_dir / ".hub-staging" / f"step-{step}"
+    def _staging_dir(self, name: str) -> Path:
+        path = self._run_dir / STAGING_DIRNAME / name
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
@@ -268,25 +276,30 @@ class HubPushCallback(L.Callback):
             future.cancel()
         checkpoints = [f for f in self._futures if f in done and f is not final]  # in push order
         failed = [f for f in checkpoints if f.exception() is not None]
-        if failed:
+        final_ok = final is None or self._report_final(final, final in done, len(failed))
+        if failed and final_ok:  # else the final push's warning says it: one warning in all
             rank_zero_warn(
-                f"{len(failed)} checkpoint push(es) to the Hub failed, the last with "
-                f"{failed[-1].exception()!r}."
+                f"{len(failed)} checkpoint push(es) to the Hub failed "
+                f"({describe_failure(failed[-1].exception())})."
             )
-        if final is not None:
-            self._report_final(final, final in done)
         self._pusher, self._futures = None, []
 
-    def _report_final(self, final: Future[str], done: bool) -> None:
+    def _report_final(self, final: Future[str], done: bool, failed_checkpoints: int) -> bool:
+        """Report the final push; False when it failed (the warning then says it all)."""
+        also = f" (as did {failed_checkpoints} checkpoint push(es))" if failed_checkpoints else ""
         if not done:
             reason = f"did not finish within {self.timeout_s}s (it goes on until the process exits)"
+            rank_zero_warn(self._failure_message(reason + also))
+            return False
+        if final.exception() is not None:
+            reason = f"failed{also}: {describe_failure(final.exception())}"
             rank_zero_warn(self._failure_message(reason))
-        elif final.exception() is not None:
-            rank_zero_warn(self._failure_message(f"failed with {final.exception()!r}"))
-        elif self.dry_run_dir is not None:
+            return False
+        if self.dry_run_dir is not None:
             rank_zero_info(f"Dry run: wrote what the Hub push would upload to {final.result()}")
         else:
             rank_zero_info(f"Pushed the adapter to the Hugging Face Hub: {final.result()}")
+        return True
 
     def _failure_message(self, reason: str) -> str:
         assert self._pusher is not None
@@ -295,6 +308,22 @@ class HubPushCallback(L.Callback):
             f"The Hub push of the final adapter {reason}. Training is complete and the adapter "
             f"is safe at {self._run_dir / ADAPTER_DIRNAME}. Push it later with:\n  {command}"
         )
+
+
+def remove_stale_staging(run_dir: Path) -> None:
+    """Remove staging folders that earlier runs of this experiment left behind.
+
+    A push removes its staging folder once done; a run killed while pushing leaves its copies
+    (adapters, a whole checkpoint) behind. A new run of the experiment removes them, in every
+    ``version_N`` of it, and in its own folder when resuming into it. Two runs of one
+    experiment pushing at the same time would remove each other's: give them their own names.
+    """
+    if re.fullmatch(r"version_\d+", run_dir.name):
+        folders = list(run_dir.parent.glob(f"version_*/{STAGING_DIRNAME}"))
+    else:
+        folders = [run_dir / STAGING_DIRNAME]
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _save_adapter(pl_module: L.LightningModule, path: Path) -> Path:

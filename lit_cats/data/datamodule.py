@@ -10,7 +10,7 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from lit_cats.assets import SHIPPED_DATASET, SHIPPED_DATASET_ID
@@ -33,6 +33,7 @@ from lit_cats.data.sampling import (
     shard_train_sampler,
     uses_distributed_sampler,
 )
+from lit_cats.errors import InvalidSetting, MissingFile
 from lit_cats.locations import hub_errors, looks_like_path
 from lit_cats.recipe import load_tokenizer
 
@@ -60,7 +61,7 @@ def load_raw_dataset(dataset: str, split: str = "train") -> datasets.Dataset:
     if path.exists():
         ds = _load_local(path, split)
     elif looks_like_path(dataset) or path.suffix in _BUILDERS:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"Dataset path {dataset!r} does not exist. Pass an existing file or folder "
             f"({', '.join(_BUILDERS)}), a Hub dataset id, or {SHIPPED_DATASET_ID!r} for the "
             "dataset shipped with lit-cats."
@@ -70,7 +71,7 @@ def load_raw_dataset(dataset: str, split: str = "train") -> datasets.Dataset:
         with hub_errors("dataset", dataset, hint):
             ds = datasets.load_dataset(dataset, split=split)
     if len(ds) == 0:
-        raise ValueError(
+        raise InvalidSetting(
             f"Dataset {dataset!r} has no rows; nothing to train on. Check the file (or the "
             "split) holds examples."
         )
@@ -81,7 +82,7 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
     files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
     suffixes = {_BUILDERS.get(p.suffix) for p in files}
     if not files or None in suffixes or len(suffixes) > 1:
-        raise ValueError(
+        raise InvalidSetting(
             f"Cannot read {str(path)!r}: expected one file, or a folder of files of one type, "
             f"with suffix {', '.join(_BUILDERS)}; found {[p.name for p in files][:5] or 'none'}."
         )
@@ -91,11 +92,23 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
     except datasets.exceptions.DatasetGenerationError as exc:
-        raise ValueError(f"Could not parse {str(path)!r} as {builder}: {exc.__cause__}") from exc
+        raise InvalidSetting(
+            f"Could not parse {str(path)!r} as {builder}: {exc.__cause__}"
+        ) from exc
     except ValueError as exc:
         if "corresponds to no data" not in str(exc):
             raise
         return datasets.Dataset.from_dict({})  # an empty file: reported as empty by the caller
+
+
+#: Share of truncated examples above which the data module warns (below it, it only informs).
+TRUNCATION_WARN_SHARE = 0.10
+
+
+def _rows(indices: list[int], shown: int = 5) -> str:
+    """``"3, 17, 20 and 12 more"``: the first few row indices of a list."""
+    more = len(indices) - shown
+    return ", ".join(map(str, indices[:shown])) + (f" and {more} more" if more > 0 else "")
 
 
 class CatsDataModule(L.LightningDataModule):
@@ -160,19 +173,19 @@ class CatsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if packing and max_tokens_per_batch < max_seq_length:
-            raise ValueError(
+            raise InvalidSetting(
                 f"max_tokens_per_batch={max_tokens_per_batch} is smaller than max_seq_length="
                 f"{max_seq_length}: a packed step must hold the longest example."
             )
         if max_seq_length < 2:
-            raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}.")
+            raise InvalidSetting(f"max_seq_length must be at least 2, got {max_seq_length}.")
         if batch_size < 1 or predict_batch_size < 1:
-            raise ValueError(
+            raise InvalidSetting(
                 f"batch_size and predict_batch_size must be at least 1, got {batch_size} and "
                 f"{predict_batch_size}."
             )
         if not 0.0 <= val_size < 1.0:
-            raise ValueError(f"val_size is a fraction in [0, 1), got {val_size}.")
+            raise InvalidSetting(f"val_size is a fraction in [0, 1), got {val_size}.")
         self.save_hyperparameters()
         self.tokenizer = None
         self.train_dataset: datasets.Dataset | None = None
@@ -193,13 +206,23 @@ class CatsDataModule(L.LightningDataModule):
         raw = load_raw_dataset(hp.dataset)
         tokenized = self._tokenize(raw)
         self._report_truncation(tokenized)
+        tokenized = self._drop_unlearnable(tokenized)
         if hp.val_size > 0 and len(tokenized) >= 2:
             split = tokenized.train_test_split(test_size=hp.val_size, seed=hp.seed)
             self.train_dataset, self.val_dataset = split["train"], split["test"]
         else:
             self.train_dataset, self.val_dataset = tokenized, None
         if stage == "fit":
+            self._check_one_batch()
             rank_zero_info(self._start_report())
+
+    def batches_per_epoch(self) -> int | None:
+        """Training batches per epoch on each rank, known before any loader is built (the
+        sampler pads the last global batch); ``None`` before ``setup`` or with packing."""
+        if self.train_dataset is None or self.hparams.packing:
+            return None
+        per_step = self.hparams.batch_size * data_parallel_size(self.trainer)
+        return math.ceil(len(self.train_dataset) / per_step)
 
     def _start_report(self) -> str:
         lines = [f"  effective batch size: {self._effective_batch_size()}"]
@@ -230,7 +253,10 @@ class CatsDataModule(L.LightningDataModule):
         tok, max_len, on_prompt = self.tokenizer, hp.max_seq_length, hp.train_on_prompt
 
         def encode(row: dict[str, Any]) -> dict[str, Any]:
-            return tokenize_row(tok, row, fmt, names, max_len, on_prompt)
+            example = tokenize_row(tok, row, fmt, names, max_len, on_prompt)
+            # Tokens that carry a loss (the model shifts labels left, so position 0 never does).
+            example["num_labels"] = sum(label != IGNORE_INDEX for label in example["labels"][1:])
+            return example
 
         return raw.map(
             encode,
@@ -243,17 +269,79 @@ class CatsDataModule(L.LightningDataModule):
         """Cache key of the tokenized dataset: the raw data, the tokenizer and every setting."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         vocab = backend.to_str() if backend is not None else str(self.tokenizer.get_vocab())
-        parts = [raw._fingerprint, fmt, vocab, str(self.tokenizer.chat_template), "v2"]
+        parts = [raw._fingerprint, fmt, vocab, str(self.tokenizer.chat_template), "v3"]
         parts += [str(self.hparams[k]) for k in sorted(self.hparams)]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
     def _report_truncation(self, tokenized: datasets.Dataset) -> None:
+        """Count the truncated examples; warn when more than :data:`TRUNCATION_WARN_SHARE` are."""
         max_len = self.hparams.max_seq_length
-        truncated = sum(n > max_len for n in tokenized["num_tokens"])
-        if truncated:
-            rank_zero_info(
-                f"{truncated} of {len(tokenized)} examples are longer than max_seq_length="
-                f"{max_len} and were truncated (their end, and end-of-sequence, are not learned)."
+        lengths = tokenized["num_tokens"]
+        truncated = sum(n > max_len for n in lengths)
+        if not truncated:
+            return
+        message = (
+            f"{truncated} of {len(tokenized)} examples ({truncated / len(tokenized):.0%}) are "
+            f"longer than max_seq_length={max_len} and were truncated (their end, and "
+            "end-of-sequence, are not learned)."
+        )
+        if truncated > TRUNCATION_WARN_SHARE * len(tokenized):
+            rank_zero_warn(
+                f"{message} That is more than {TRUNCATION_WARN_SHARE:.0%}: raise "
+                f"--data.max_seq_length (the longest example has {max(lengths)} tokens)."
+            )
+        else:
+            rank_zero_info(message)
+
+    def _drop_unlearnable(self, tokenized: datasets.Dataset) -> datasets.Dataset:
+        """Leave out examples with no label token left after truncation; refuse if that is all.
+
+        Such an example adds nothing to the loss, and a step made only of them divides zero by
+        zero: a NaN loss that a run would otherwise train on, log and save.
+
+        Raises:
+            InvalidSetting: If no example has a token to learn from.
+        """
+        empty = [i for i, n in enumerate(tokenized["num_labels"]) if n == 0]
+        if not empty:
+            return tokenized
+        max_len, rows = self.hparams.max_seq_length, _rows(empty)
+        longest = max(tokenized["num_tokens"])
+        fix = (
+            f"Raise --data.max_seq_length (now {max_len}; the longest example has {longest} tokens)"
+        )
+        if not self.hparams.train_on_prompt:
+            fix += ", or train on the prompts too with --data.train_on_prompt true"
+        if len(empty) == len(tokenized):
+            raise InvalidSetting(
+                f"None of the {len(tokenized)} examples has a token to learn from within "
+                f"max_seq_length={max_len}: truncation cuts off every answer (rows {rows}). "
+                f"{fix}."
+            )
+        rank_zero_warn(
+            f"{len(empty)} of {len(tokenized)} examples have no token to learn from within "
+            f"max_seq_length={max_len} (rows {rows}) and are left out. {fix}."
+        )
+        keep = set(range(len(tokenized))) - set(empty)
+        return tokenized.select(sorted(keep))
+
+    def _check_one_batch(self) -> None:
+        """Refuse, before the model loads, a training split smaller than one (global) batch.
+
+        Raises:
+            InvalidSetting: With the split's size, the batch's, and what to change.
+        """
+        if self.hparams.packing:
+            return  # token-budget batches: any number of examples makes a step
+        ranks = data_parallel_size(self.trainer)
+        batch = self.hparams.batch_size * ranks
+        if len(self.train_dataset) < batch:
+            held_out = len(self.val_dataset) if self.val_dataset is not None else 0
+            raise InvalidSetting(
+                f"The training split has {len(self.train_dataset)} examples ({held_out} held "
+                f"out for validation), fewer than one batch of {batch} "
+                f"(data.batch_size {self.hparams.batch_size} x {ranks} devices). Add examples, "
+                "or lower --data.batch_size (or --data.val_size)."
             )
 
     def _loader(self, ds: datasets.Dataset, train: bool) -> DataLoader:
@@ -288,7 +376,7 @@ class CatsDataModule(L.LightningDataModule):
         hp, trainer = self.hparams, self.trainer
         ranks = data_parallel_size(trainer)
         if ranks > 1 and uses_distributed_sampler(trainer):
-            raise ValueError(
+            raise InvalidSetting(
                 "data.packing shards its token-budget batches by rank itself; set "
                 "--trainer.use_distributed_sampler false so Lightning does not replace it."
             )

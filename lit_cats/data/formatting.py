@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from lit_cats.errors import InvalidSetting
+
 Format = Literal["auto", "text", "messages", "prompt_response"]
 
 #: Label value ignored by the cross-entropy loss (PyTorch's and transformers' convention).
@@ -53,7 +55,7 @@ def detect_format(
         for fmt in ("messages", "prompt_response", "text"):
             if all(c in columns for c in needed[fmt]):
                 return fmt  # type: ignore[return-value]
-        raise ValueError(
+        raise InvalidSetting(
             f"The dataset has no column {text_column!r}, no {messages_column!r} column and no "
             f"{prompt_column!r}/{response_column!r} pair; its columns are {list(columns)}. "
             "Name the right one with --data.text_column (or --data.messages_column, "
@@ -61,7 +63,7 @@ def detect_format(
         )
     missing = [c for c in needed[requested] if c not in columns]
     if missing:
-        raise ValueError(
+        raise InvalidSetting(
             f"format={requested!r} needs column(s) {missing}, but the dataset's columns are "
             f"{list(columns)}. Set the column name option or use format='auto'."
         )
@@ -78,7 +80,7 @@ def validate_column(values: Sequence[Any], column: str, fmt: str) -> None:
         if fmt == "messages":
             _validate_messages(value, column, i)
         elif not isinstance(value, str):
-            raise ValueError(
+            raise InvalidSetting(
                 f"Column {column!r} row {i} holds {type(value).__name__} ({value!r:.60}), "
                 "expected a string. Clean or cast the column before training."
             )
@@ -100,12 +102,12 @@ def is_chat(value: Any) -> bool:
 
 def _validate_messages(value: Any, column: str, row: int) -> None:
     if not is_chat(value):
-        raise ValueError(
+        raise InvalidSetting(
             f"Column {column!r} row {row} is not a chat: expected a non-empty list of "
             f"{{'role': one of {CHAT_ROLES}, 'content': str}} dicts, got {value!r:.80}."
         )
     if not any(m["role"] == "assistant" for m in value):
-        raise ValueError(f"Column {column!r} row {row} has no assistant turn to learn from.")
+        raise InvalidSetting(f"Column {column!r} row {row} has no assistant turn to learn from.")
 
 
 def assistant_char_spans(
@@ -127,7 +129,7 @@ def assistant_char_spans(
         )
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not text.startswith(prefix):
-            raise ValueError(
+            raise InvalidSetting(
                 "The tokenizer's chat template does not render a conversation as a prefix of "
                 "its continuation, so assistant turns cannot be located; set "
                 "--data.train_on_prompt true to train on the whole text."

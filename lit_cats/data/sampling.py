@@ -71,9 +71,16 @@ class ResumableDataLoader(DataLoader):
     same number of batches, so rank zero's count is every rank's. Not torchdata's
     ``StatefulDataLoader``, which does the same and skips without collating: a new dependency
     for what these thirty lines do.
+
+    Each pass draws its worker processes' base seed from the loader's own generator (seeded
+    from torch's initial seed), not from torch's global one as a plain DataLoader does: a draw
+    there at every epoch start and validation would shift every later dropout mask by when those
+    happen, which a resumed run cannot replay (:class:`lit_cats.callbacks.RNGState`).
     """
 
     def __init__(self, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any) -> None:
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator().manual_seed(torch.initial_seed())
         super().__init__(*args, **kwargs)
         self._served = 0
         self._skip = 0

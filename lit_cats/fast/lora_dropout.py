@@ -17,7 +17,9 @@ is kept when its 16 bits are at least ``round(p * 65536)``, and kept values are 
 exact inverse of the keep probability: unbiased, with ``p`` rounded to a multiple of 1/65536
 (0.05 becomes 0.050003). Every draw depends on the seed and the position only, so a checkpointed
 layer's rerun and the backward see the very mask the forward used; the seed comes from torch's
-generator, whose state checkpointing saves and restores. Inside compiled, checkpointed layers
+generator, whose state checkpointing saves and restores. That generator is the device's CUDA
+generator, which training checkpoints save per rank (:class:`lit_cats.callbacks.RNGState`): a
+resumed run draws the seeds the interrupted one would have. Inside compiled, checkpointed layers
 the rerun does not even draw again: it reuses the forward's outputs, ``(tokens, rank)`` each
 (:func:`lit_cats.fast.recompute.checkpoint_contexts`). What it buys is measured in
 benchmarks/RESULTS.md.

@@ -12,6 +12,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+import yaml
+
 UploadPlan = dict[str, Path]
 """What one commit uploads: path in the repo -> local file."""
 
@@ -46,6 +48,32 @@ def checkpoint_plan(adapter_dir: Path, checkpoint: Path, config: Path | None) ->
     if config is not None and config.is_file():
         plan[prefix + CONFIG_FILENAME] = config
     return plan
+
+
+def rerun_config(config: Path, dest: Path) -> Path:
+    """The run's resolved ``config.yaml`` as a config that reruns it from scratch.
+
+    A resumed run's config holds its ``ckpt_path`` (``last`` or a file), so ``lit-cats fit
+    --config config.yaml`` would resume from whatever checkpoint is found instead of training
+    anew with the same settings. Returns ``config`` itself when it holds no ``ckpt_path``,
+    else a copy written to ``dest`` with ``ckpt_path: null``.
+    """
+    data = yaml.safe_load(config.read_text()) or {}
+    if not isinstance(data, dict) or data.get("ckpt_path") is None:
+        return config
+    data["ckpt_path"] = None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(data, sort_keys=False))
+    return dest
+
+
+def rerun_configs(plan: Mapping[str, Path], folder: Path) -> UploadPlan:
+    """``plan`` with every ``config.yaml`` replaced by its :func:`rerun_config`, written under
+    ``folder`` (mirroring the path in the repo)."""
+    return {
+        path: rerun_config(local, folder / path) if Path(path).name == CONFIG_FILENAME else local
+        for path, local in plan.items()
+    }
 
 
 def write_plan(plan: Mapping[str, Path], dest: Path) -> None:

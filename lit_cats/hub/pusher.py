@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, HTTPError, OfflineModeIsEnabled
 
+from lit_cats.errors import MissingFile
 from lit_cats.hub.card import read_tensorboard_scalars, summarize_run, write_card
-from lit_cats.hub.plans import CARD_FILENAME, UploadPlan, run_plan, write_plan
+from lit_cats.hub.plans import CARD_FILENAME, UploadPlan, rerun_configs, run_plan, write_plan
 from lit_cats.inference import ADAPTER_CONFIG, ADAPTER_DIRNAME
+from lit_cats.inference.vllm import warn_unless_vllm_servable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,22 @@ def is_retryable(exc: BaseException | None) -> bool:
     return False
 
 
+def describe_failure(exc: BaseException | None) -> str:
+    """One line saying why a push failed: "the Hub could not be reached" for a failure without
+    an answer (no network, refused, timed out), else the error's type and first line."""
+    if exc is None:
+        return "no error"
+    line = (str(exc).strip().splitlines() or [""])[0][:200]
+    what = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    cause: BaseException | None = exc
+    while cause is not None:
+        answered = isinstance(cause, HfHubHTTPError)
+        if not answered and isinstance(cause, (HTTPError, ConnectionError, TimeoutError)):
+            return f"the Hub at {constants.ENDPOINT} could not be reached ({what})"
+        cause = None if answered else cause.__cause__
+    return what
+
+
 def call_with_retries(fn: Callable[[], T], max_retries: int, backoff_s: float) -> T:
     """Call ``fn``, retrying transient errors with exponential backoff (``backoff_s * 2**i``)."""
     for attempt in range(max_retries + 1):
@@ -68,8 +88,9 @@ def call_with_retries(fn: Callable[[], T], max_retries: int, backoff_s: float) -
             if attempt == max_retries or not is_retryable(exc):
                 raise
             delay = backoff_s * 2**attempt
-            log.warning(
-                f"Hub push failed ({type(exc).__name__}: {exc}); "
+            # INFO: a push that finally fails is reported once, by its caller, with the fix.
+            log.info(
+                f"Hub push failed ({describe_failure(exc)}); "
                 f"retry {attempt + 1}/{max_retries} in {delay:.1f}s"
             )
             time.sleep(delay)
@@ -208,16 +229,23 @@ def push_run(
         run_dir = run_dir.parent
     adapter_dir = run_dir / ADAPTER_DIRNAME
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"No adapter in {adapter_dir} (adapter_config.json is missing). Pass a run folder "
             "written by `lit-cats fit` (e.g. logs/phi3-cats/version_0) whose training finished."
         )
     metrics, step = read_tensorboard_scalars(run_dir)
+    warn_unless_vllm_servable(adapter_dir)
     summary = summarize_run(run_dir, adapter_dir, metrics, step)
     pusher = HubPusher(repo_id, run_name(run_dir), private, revision, dry_run_dir)
+    # The card and the rerun config are written aside: the run folder is the record of the
+    # run, and a dry run must leave it as it was.
+    with tempfile.TemporaryDirectory(prefix="lit-cats-push-") as scratch:
 
-    def build_plan(resolved_repo_id: str) -> UploadPlan:
-        card = write_card(run_dir / CARD_FILENAME, resolved_repo_id, summary)
-        return {**run_plan(run_dir, adapter_dir), CARD_FILENAME: card}
+        def build_plan(resolved_repo_id: str) -> UploadPlan:
+            card = write_card(Path(scratch) / CARD_FILENAME, resolved_repo_id, summary)
+            plan = rerun_configs(run_plan(run_dir, adapter_dir), Path(scratch))
+            return {**plan, CARD_FILENAME: card}
 
-    print(pusher.push(build_plan, f"Upload adapter from {run_dir}"))
+        print(pusher.push(build_plan, f"Upload adapter from {run_dir}"))
+        if dry_run_dir is None:  # the run folder keeps the card that is on the Hub
+            shutil.copyfile(Path(scratch) / CARD_FILENAME, run_dir / CARD_FILENAME)

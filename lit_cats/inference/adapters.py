@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
+from lit_cats.errors import InvalidSetting, MissingFile
 from lit_cats.locations import hub_errors, looks_like_path, newest_match
 from lit_cats.recipe import load_base, parse_dtype
 
@@ -31,7 +32,7 @@ def find_latest_adapter(root: str | Path) -> Path:
     """
     found = newest_match(root, f"**/{ADAPTER_DIRNAME}/{ADAPTER_CONFIG}")
     if found is None:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"adapter 'latest': no adapter folder under {str(root)!r}, so no finished fit to "
             "load. Run `lit-cats fit` first (with the same logger settings), or pass an "
             "adapter folder, run folder or Hub id as --model.adapter (null for the base alone)."
@@ -56,7 +57,7 @@ def resolve_adapter(adapter: str, search_root: str | Path = "logs") -> str:
         if (candidate / ADAPTER_CONFIG).is_file():
             return str(candidate)
     if path.exists() or looks_like_path(adapter):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"Adapter {adapter!r}: {'no' if not path.exists() else 'no adapter_config.json in'} "
             f"such folder. Pass a folder saved by `lit-cats fit` (logs/<name>/version_N/adapter, "
             f"or the run folder above it), a Hub id, or {LATEST!r}."
@@ -83,7 +84,7 @@ def apply_adapter(base: PreTrainedModel, adapter: str, dtype: str | None = "bflo
         if "size mismatch" not in str(exc) and "not found in the base model" not in str(exc):
             raise
         trained_on = adapter_base_model(adapter) or "another model"
-        raise ValueError(
+        raise InvalidSetting(
             f"Adapter {adapter!r} does not fit the base model {base.name_or_path!r}: it was "
             f"trained on {trained_on!r}, a model of another shape "
             f"({str(exc).strip().splitlines()[-1][:200]}). Load it on the base it was trained "

@@ -28,7 +28,9 @@ from lit_cats.data.formatting import (
     tokenize_row,
     validate_column,
 )
+from lit_cats.errors import InvalidSetting
 from lit_cats.inference.adapters import adapter_base_model, apply_adapter, resolve_adapter
+from lit_cats.inference.vllm import warn_unless_vllm_servable
 from lit_cats.loss import label_token_count
 from lit_cats.recipe import load_base, load_tokenizer, parse_dtype
 
@@ -69,6 +71,7 @@ def merge_adapter(
     check_dataset: str = SHIPPED_DATASET_ID,
     num_check_examples: int = 8,
     tolerance: float = 0.02,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Merge a LoRA adapter into its base (reloaded unquantized) and save a transformers model.
 
@@ -84,6 +87,8 @@ def merge_adapter(
         check_dataset: Dataset whose first examples check the merge (a lit-cats dataset spec).
         num_check_examples: How many examples the check uses.
         tolerance: Largest allowed difference of the mean per-token loss (nats).
+        overwrite: Write into ``output_dir`` even if it is not empty (files of the same name
+            are replaced; transformers removes stale weight shards).
 
     Raises:
         FileNotFoundError: If the adapter cannot be found.
@@ -93,10 +98,19 @@ def merge_adapter(
     resolved = resolve_adapter(adapter)
     base = base or adapter_base_model(resolved)
     if base is None:
-        raise ValueError(
+        raise InvalidSetting(
             f"Adapter {resolved!r} does not name its base model; pass --base <model id or folder>."
         )
     out = _output_dir(resolved, output_dir)
+    warn_unless_vllm_servable(resolved)  # a Hub id or missing folder is not checked
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise InvalidSetting(
+            f"{str(out)!r} is not empty ({_listing(out)}); merging into it would mix two "
+            "models' files. Choose another --output_dir, or pass --overwrite true to write "
+            "over it."
+        )
+    if out.exists() and not out.is_dir():
+        raise InvalidSetting(f"{str(out)!r} is a file; pass a folder as --output_dir.")
     target = _device(device)
     batches, tokenizer = check_batches(base, check_dataset, num_check_examples)
 
@@ -152,7 +166,7 @@ def check_batches(
     """The first ``num_examples`` rows of ``dataset``, tokenized as training does, in padded
     batches, and the tokenizer that did it (the merged model is saved with it)."""
     if num_examples < 1:
-        raise ValueError(f"num_check_examples must be >= 1, got {num_examples}.")
+        raise InvalidSetting(f"num_check_examples must be >= 1, got {num_examples}.")
     tokenizer = load_tokenizer(tokenizer_name)
     raw = load_raw_dataset(dataset)
     rows = raw.select(range(min(num_examples, len(raw))))
@@ -191,10 +205,17 @@ def _output_dir(adapter: str, output_dir: str | None) -> Path:
         return Path(output_dir).expanduser()
     local = Path(adapter)
     if not local.is_dir():
-        raise ValueError(
+        raise InvalidSetting(
             f"Adapter {adapter!r} is a Hub id: pass --output_dir for the merged model."
         )
     return local.parent / "merged"
+
+
+def _listing(folder: Path, shown: int = 3) -> str:
+    """``"holds config.json, model.safetensors and 2 more"``, for messages."""
+    names = sorted(p.name for p in folder.iterdir())
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return "holds " + ", ".join(names[:shown]) + more
 
 
 def _device(device: str) -> torch.device:
