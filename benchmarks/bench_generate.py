@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the shared random Phi-3-mini def
 
 from bench_train import PHI3_MINI, TARGETS, append_results, environment  # noqa: E402
 
+from lit_cats.inference import decode  # noqa: E402
 from lit_cats.inference.adapters import load_for_inference  # noqa: E402
 from lit_cats.inference.generation import GenerationSettings, generate  # noqa: E402
 from lit_cats.inference.merge import merge_adapter  # noqa: E402
@@ -141,11 +142,24 @@ def original_loop(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -
     return made
 
 
-def lit_cats_batched(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> int:
-    """``lit-cats predict``'s path: every prompt in one left-padded batch; tokens made."""
-    settings = GenerationSettings(max_new_tokens=tokens, min_new_tokens=tokens, seed=0)
+def lit_cats_batched(
+    model: Any, tokenizer: Any, prompts: list[str], tokens: int, decode: str = "plain"
+) -> int:
+    """``lit-cats predict``'s path: every prompt in one batch; tokens made."""
+    settings = GenerationSettings(
+        max_new_tokens=tokens, min_new_tokens=tokens, seed=0, decode=decode
+    )
     results = generate(model, tokenizer, prompts, settings, batch_size=len(prompts))
     return sum(r.num_tokens for r in results)
+
+
+def _peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
 
 
 def time_arm(
@@ -157,7 +171,8 @@ def time_arm(
     tokens: int,
     device: str,
 ) -> dict[str, Any]:
-    """Warm up (2 prompts, 4 tokens), then time the arm between two synchronisations."""
+    """A plain arm: warm up (2 prompts, 4 tokens), then time it between synchronisations."""
+    _reset_peak(device)
     run(model, tokenizer, prompts[:2], 4)
     _sync(device)
     start = time.perf_counter()
@@ -165,16 +180,99 @@ def time_arm(
     _sync(device)
     seconds = time.perf_counter() - start
     row = {"arm": name, "prompts": len(prompts), "tokens": made, "seconds": seconds}
+    row["peak_gib"] = _peak_gib(device)
     print(f"  {name}: {made} tokens in {seconds:.2f} s ({made / seconds:,.1f} tok/s)", flush=True)
     return row
+
+
+def time_fast_arm(
+    name: str, model: Any, tokenizer: Any, prompts: list[str], tokens: int, device: str, mode: str
+) -> dict[str, Any]:
+    """A fast-loop arm: the first run from a cold decoder (capture, compilation when asked,
+    everything a user waits for), then a second, steady run of the same shapes.
+
+    Reports the steady run's time to first token (prefill + first sample, from the decoder),
+    its decode rate (tokens after the first over the time after it), the first run's compile
+    (warm-up + ``torch.compile`` + graph capture) seconds and end-to-end seconds, the peak GPU
+    memory, and the replay time of one graphed step alone (50 replays between CUDA events): the
+    GPU's share of a step, the rest of a step being the host's sampling and bookkeeping.
+    """
+    decode.release(model)
+    if name.endswith("_warm_cache"):  # as a new process: torch.compile's in-memory state gone,
+        torch._dynamo.reset()  # inductor's on-disk caches (written by the cold arm) kept
+        decode._compiled_decode_layer.cache_clear()
+    _reset_peak(device)
+    start = time.perf_counter()
+    lit_cats_batched(model, tokenizer, prompts, tokens, mode)
+    _sync(device)
+    first_run = time.perf_counter() - start
+    engine = decode.decoder_of(model)
+    compile_s = engine.compile_seconds
+    start = time.perf_counter()
+    made = lit_cats_batched(model, tokenizer, prompts, tokens, mode)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    ttft = engine.last_ttft
+    decode_rate = (made - len(prompts)) / max(seconds - ttft, 1e-9)
+    row = {
+        "arm": name,
+        "prompts": len(prompts),
+        "tokens": made,
+        "seconds": seconds,
+        "ttft": ttft,
+        "decode_tok_s": decode_rate,
+        "compile_s": compile_s,
+        "first_run_s": first_run,
+        "peak_gib": _peak_gib(device),
+        "step_ms": _graph_step_ms(engine),
+    }
+    print(
+        f"  {name}: {made} tokens in {seconds:.2f} s ({made / seconds:,.1f} tok/s); TTFT "
+        f"{ttft * 1e3:.1f} ms, decode {decode_rate:,.0f} tok/s, compile {compile_s:.1f} s, "
+        f"first run {first_run:.2f} s, graph step {row['step_ms'] or 0:.2f} ms "
+        f"({engine.describe})",
+        flush=True,
+    )
+    decode.release(model)
+    return row
+
+
+def _graph_step_ms(engine: Any) -> float | None:
+    if engine.graph is None:
+        return None
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(50):
+        engine.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / 50
+
+
+def guarded(rows: list[dict[str, Any]], name: str, *args: Any) -> None:
+    """:func:`time_fast_arm` of one arm; an arm that fails is recorded as failed and the others
+    still run (one call on a GPU must not lose every measurement to one broken arm)."""
+    try:
+        rows.append(time_fast_arm(name, *args))
+    except Exception as error:
+        print(f"  {name}: FAILED {type(error).__name__}: {error}", flush=True)
+        rows.append({"arm": name, "failed": f"{type(error).__name__}: {str(error)[:120]}"})
+    _free()
+
+
+def many_prompts(prompts: list[str], count: int) -> list[str]:
+    """``count`` prompts: the eight, numbered, round and round (an evaluation set)."""
+    return [f"{prompts[i % len(prompts)]} (#{i})" for i in range(count)]
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     device = "cpu" if args.tiny else "cuda"
+    fast = "fast"  # the fast loop: CUDA graphs on a GPU, eager on the CPU
+    auto = "compile" if args.tiny else "auto"  # on the CPU, auto would take the plain path
     prompts, tokens = original_prompts(), args.max_new_tokens
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lit-cats-bench-") as tmp:
         base_dir, adapter_dir = build_models(Path(tmp), device, args.tiny)
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
@@ -191,6 +289,19 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(
             time_arm("batched_4bit", lit_cats_batched, model, tokenizer, prompts, tokens, device)
         )
+        # The fast loop on the 4-bit model (auto: graphed, bitsandbytes' NF4 path); on CUDA
+        # also the other NF4 paths of decode.NF4_PATH, graphed and compiled.
+        four_bit = [("fast_4bit", "bnb", fast)]
+        if not args.tiny:
+            four_bit += [
+                ("fast_4bit_nf4_kernel", "kernel", fast),
+                ("fast_4bit_dequantize", "dequantize", fast),
+                ("compile_4bit_dequantize", "dequantize", "compile"),
+            ]
+        for name, path, mode in four_bit:
+            decode.NF4_PATH = path
+            guarded(rows, name, model, tokenizer, prompts, tokens, device, mode)
+        decode.NF4_PATH = "bnb"
         if args.fast_lora:
             from lit_cats.fast.lora import enable_fast_lora
 
@@ -215,6 +326,19 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(
             time_arm("merged_bf16", lit_cats_batched, model, tokenizer, prompts, tokens, device)
         )
+        many = many_prompts(prompts, args.many)
+        arms = [("fast_merged_bf16", prompts, fast), (f"fast_merged_bf16_x{args.many}", many, fast)]
+        if args.compile:
+            # auto = the compiled step for a 16-bit model on CUDA. Twice at 8 prompts: a cold
+            # compile, then one that finds inductor's caches warm (what a second run of
+            # lit-cats pays; the process's own compile state is reset in between).
+            arms += [
+                ("auto_merged_bf16", prompts, auto),
+                ("auto_merged_bf16_warm_cache", prompts, auto),
+                (f"auto_merged_bf16_x{args.many}", many, auto),
+            ]
+        for name, arm_prompts, mode in arms:
+            guarded(rows, name, model, tokenizer, arm_prompts, tokens, device, mode)
         del model
         _free()
     return rows
@@ -222,17 +346,34 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ the record
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table; speed-ups against the ``original`` arm measured in the same run."""
+    """Markdown table; speed-ups against the ``original`` arm measured in the same run.
+
+    Fast arms add: TTFT (steady run), decode tok/s (after the first token), compile s
+    (warm-up + compilation + capture, first run), first run s (end to end, compile
+    included), one graphed step's GPU time alone; every arm its peak GPU memory.
+    """
     base = rows[0]["tokens"] / rows[0]["seconds"]
     lines = [
-        "| arm | prompts | tokens | seconds | generated tok/s | x original (same run) |",
-        "|---|---|---|---|---|---|",
+        "| arm | prompts | tokens | seconds | generated tok/s | x original (same run) | TTFT ms "
+        "| decode tok/s | compile s | first run s | graph step ms | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def num(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['arm']} | failed: {r['failed']} |" + " |" * 10)
+            continue
         rate = r["tokens"] / r["seconds"]
+        ttft = r.get("ttft")
         lines.append(
             f"| {r['arm']} | {r['prompts']} | {r['tokens']} | {r['seconds']:.2f} | "
-            f"{rate:,.1f} | {rate / base:.1f}x |"
+            f"{rate:,.1f} | {rate / base:.1f}x | {num(ttft and ttft * 1e3, '.1f')} | "
+            f"{num(r.get('decode_tok_s'), ',.0f')} | {num(r.get('compile_s'), '.1f')} | "
+            f"{num(r.get('first_run_s'), '.2f')} | {num(r.get('step_ms'), '.2f')} | "
+            f"{num(r.get('peak_gib'), '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -243,6 +384,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="250 (tiny: 8)")
     parser.add_argument("--loop-prompts", type=int, default=8, help="prompts the loop times")
     parser.add_argument("--fast-lora", action="store_true", help="also time fused LoRA")
+    parser.add_argument("--many", type=int, default=256, help="prompts of the large arm")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the fast loop with torch.compile"
+    )
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     parser.add_argument("--note", default="", help="free text for the record")
     args = parser.parse_args(argv)
@@ -253,7 +398,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     body = table(rows)
     print(body)
     note = (
-        f"8 prompts x {args.max_new_tokens} new tokens (forced), sampling T 0.7 / top-p 0.9; "
+        f"8 prompts (and {args.many} in the _x{args.many} arms) x {args.max_new_tokens} new "
+        "tokens (forced), sampling T 0.7 / top-p 0.9 / top-k 50; "
         f"the original measured {ORIGINAL_TOKENS_PER_S} tok/s on one H100 (issue)"
         + (f"; {args.note}" if args.note else "")
     )

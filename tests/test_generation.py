@@ -215,8 +215,17 @@ def test_bench_generate_runs_on_cpu(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     results = tmp_path / "RESULTS.md"
-    args = ["--tiny", "--max-new-tokens", "3", "--loop-prompts", "2", "--results", str(results)]
-    rows = bench.main(args)
-    assert [r["arm"] for r in rows] == ["original", "batched_4bit", "merged_bf16"]
-    assert [r["tokens"] for r in rows] == [6, 24, 24]  # forced to full length
-    assert "| merged_bf16 | 8 | 24 |" in results.read_text()
+    args = ["--tiny", "--max-new-tokens", "3", "--loop-prompts", "2", "--many", "12"]
+    rows = bench.main([*args, "--results", str(results)])
+    assert [r["arm"] for r in rows] == [
+        "original",
+        "batched_4bit",
+        "fast_4bit",
+        "merged_bf16",
+        "fast_merged_bf16",
+        "fast_merged_bf16_x12",
+    ]
+    assert [r["tokens"] for r in rows] == [6, 24, 24, 24, 24, 36]  # forced to full length
+    assert all(r["ttft"] > 0 and r["decode_tok_s"] > 0 for r in rows if "fast" in r["arm"])
+    text = results.read_text()
+    assert "| merged_bf16 | 8 | 24 |" in text and "| fast_merged_bf16_x12 | 12 | 36 |" in text

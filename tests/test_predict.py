@@ -7,6 +7,7 @@ load its adapter as a user would, by stacking the configs.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,59 @@ def test_validate_with_the_trained_adapter_matches_the_fits_last_validation(trai
     [run] = [p for p in trained.glob("version_*") if p.name not in before]
     fit_loss = _events(trained / "version_0").Scalars("loss/val")[-1].value
     assert _events(run).Scalars("loss/val")[-1].value == pytest.approx(fit_loss, rel=1e-3)
+
+
+def test_predict_through_the_fast_loop_with_refill_answers_as_the_plain_path(trained, caplog):
+    # Greedy, so both paths must give the same tokens; 3 prompts a batch into 2 slots: refill.
+    caplog.set_level(logging.INFO)
+    runs = {}
+    for decode in ("plain", "fast"):
+        before = {p.name for p in trained.glob("version_*")}
+        main(
+            [
+                "predict", *STACK, "--config", str(CONFIGS / "predict.yaml"), *QUIET,
+                "--model.generation.max_new_tokens", "6", "--model.generation.do_sample", "false",
+                "--model.generation.decode", decode, "--model.generation.batch_size", "2",
+                "--data.predict_batch_size", "3",
+            ]
+        )  # fmt: skip
+        [run] = [p for p in trained.glob("version_*") if p.name not in before]
+        runs[decode] = _records(run)
+    assert runs["fast"] == runs["plain"]
+    assert len(runs["fast"]) == len(_predict_yaml_prompts())
+    lines = {r.getMessage() for r in caplog.records if r.getMessage().startswith("generation:")}
+    assert "generation: plain transformers generate (decode='plain')" in lines
+    assert any(line.startswith("generation: fast decode (eager, no graph; static KV cache 2 slots")
+               for line in lines)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "holds no prompts (it is empty or blank)"),
+        (b"\n  \n", "holds no prompts (it is empty or blank)"),
+        (b"\xff\xfe meow", "Cannot read prompt file"),
+    ],
+    ids=["empty", "blank", "not UTF-8"],
+)
+def test_an_empty_or_unreadable_prompts_file_is_an_error_before_the_model_loads(
+    run_dir, capsys, monkeypatch, content, expected
+):
+    import lit_cats.model
+
+    loaded = []
+    monkeypatch.setattr(lit_cats.model, "load_base", lambda *a, **k: loaded.append(a))
+    (run_dir / "prompts.txt").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        # The predict config's inline prompts are there too: the file is not silently skipped.
+        main(
+            [
+                "predict", *STACK, "--config", str(CONFIGS / "predict.yaml"), *QUIET,
+                "--model.adapter", "null", "--data.prompts_file", "prompts.txt",
+            ]
+        )  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "prompts.txt" in err and "Traceback" not in err
+    assert loaded == []  # refused before the base model loads
+    assert not (run_dir / "logs").exists()  # and no empty run folder is left behind

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,15 @@ def test_briefly_trained_tiny_model_stops_more_often_than_the_untrained(run_dir,
     assert (untrained_step, trained_step) == (1, 20)
     assert trained > untrained, (trained, untrained)
     assert trained >= 0.75
+
+
+def test_samples_take_the_fast_decode_loop_when_asked(run_dir, fit_args, caplog):
+    # The samples run under training's autocast, so the fast loop runs without a CUDA graph
+    # (on a GPU too); on the CPU `decode: fast` asks for it, `auto` would take the plain path.
+    caplog.set_level(logging.INFO)
+    quiet = ("--trainer.limit_val_batches", "0", "--hub.enabled", "false")
+    main(fit_args("--trainer.max_steps", "1", "--samples.decode", "fast", *quiet))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generation:")]
+    assert any(line.startswith("generation: fast decode (eager, no graph;") for line in lines)
+    ((step, share),) = _stopped_share(run_dir / "logs" / "tiny-cats" / "version_0")
+    assert step == 1 and 0 <= share <= 1

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_cats.data.prompts import Prompt, check_prompt
+from lit_cats.inference.decode import release
 from lit_cats.inference.generation import GenerationSettings, generate
 from lit_cats.inference.metrics import CAT_WORDS, EXISTENTIAL_WORDS
 from lit_cats.inference.report import answer_markdown, answer_record, generation_metrics
@@ -29,7 +30,9 @@ class GenerationSamples(L.Callback):
     generation metrics (``samples/stopped_share``, ``samples/distinct_2``, ...) to its scalars,
     so a run shows when the model learns the style and whether it learns to stop. Generation
     runs on rank zero only, batched, with a fixed seed so steps are comparable; with the
-    defaults it costs about ``max_new_tokens`` forward passes per validation.
+    defaults it costs about ``max_new_tokens`` forward passes per validation. On CUDA it takes
+    lit-cats' fast decode loop (static KV cache; eager under training's autocast), freed after
+    each sampling (:mod:`lit_cats.inference.decode`).
 
     Example (``lit-cats`` exposes it as the top-level ``samples:`` section)::
 
@@ -46,6 +49,8 @@ class GenerationSamples(L.Callback):
         raw: Prompts are plain text, without the chat template.
         cat_words: Vocabulary of ``samples/cat_vocab_share``.
         existential_words: Vocabulary of ``samples/existential_share``.
+        decode: The decode loop (:attr:`GenerationSettings.decode`): ``auto`` takes lit-cats'
+            fast loop on CUDA.
         enabled: ``False`` turns sampling off (``--samples.enabled false``).
     """
 
@@ -59,6 +64,7 @@ class GenerationSamples(L.Callback):
         raw: bool = False,
         cat_words: list[str] | None = None,
         existential_words: list[str] | None = None,
+        decode: str = "auto",
         enabled: bool = True,
     ) -> None:
         self.prompts: list[Prompt] = list(prompts or DEFAULT_PROMPTS)
@@ -70,6 +76,7 @@ class GenerationSamples(L.Callback):
             seed=seed,
             system_prompt=system_prompt,
             raw=raw,
+            decode=decode,
         )
         self.cat_words = list(cat_words or CAT_WORDS)
         self.existential_words = list(existential_words or EXISTENTIAL_WORDS)
@@ -106,6 +113,7 @@ class GenerationSamples(L.Callback):
             results = generate(
                 model, tokenizer, self.prompts, self.settings, batch_size=len(self.prompts)
             )
+        release(model)  # the fast loop's KV cache: training needs the memory back
         records = [answer_record(result) for result in results]
         # Rank zero alone: a cross-process reduction would wait for the other ranks forever.
         metrics = generation_metrics(records, self.cat_words, self.existential_words, sync=False)

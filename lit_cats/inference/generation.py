@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lit_cats.data.prompts import Prompt, check_prompt
+from lit_cats.data.prompts import Prompt
 
 
 @dataclass
@@ -37,6 +37,15 @@ class GenerationSettings:
         seed: Seed of the sampling, for reproducible answers; ``None`` leaves the RNG alone.
         system_prompt: A system message put before every prompt (chat mode only).
         raw: Feed prompts as plain text without the chat template (base-model-style data).
+        decode: Which decode loop: ``"auto"`` (on CUDA for supported models lit-cats' fast
+            loop, static KV cache and a CUDA graph per step, its step compiled for 16-bit
+            models; else transformers' ``generate``), ``"fast"`` (the fast loop without
+            compilation, on any device; the CPU runs it without graphs), ``"compile"`` (the
+            fast loop, step compiled) or ``"plain"`` (transformers' ``generate``). See
+            :mod:`lit_cats.inference.decode`.
+        batch_size: Answers decoded at once; more prompts than this are fed in as answers
+            finish (continuous refill). ``None``: the caller's batch (``predict``'s batch).
+        progress: Print a progress line (prompts, tokens/s) every few seconds.
     """
 
     max_new_tokens: int = 250
@@ -48,8 +57,16 @@ class GenerationSettings:
     seed: int | None = 42
     system_prompt: str | None = None
     raw: bool = False
+    decode: str = "auto"
+    batch_size: int | None = None
+    progress: bool = False
 
     def __post_init__(self) -> None:
+        modes = ("auto", "fast", "compile", "plain")
+        if self.decode not in modes:
+            raise ValueError(f"decode must be one of {modes}, got {self.decode!r}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}.")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -160,21 +177,25 @@ def generate(
         tokenizer: Its tokenizer (with a chat template unless ``raw``).
         prompts: User messages or chats.
         settings: How to sample; ``None`` uses the original script's settings.
-        batch_size: Prompts generated together (left-padded); larger is faster until memory.
+        batch_size: Prompts generated together; larger is faster until memory. The settings'
+            ``batch_size``, when set, wins.
         **overrides: Fields of :class:`GenerationSettings` to change (``do_sample=False``, ...).
 
     Raises:
         ValueError: For no prompts, a malformed prompt, or one too long for the context.
     """
+    from lit_cats.inference import decode  # it builds on this module
+
     s = replace(settings or GenerationSettings(), **overrides)
+    batch_size = s.batch_size or batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if not prompts:
-        raise ValueError("generate() got no prompts; pass at least one.")
-    for i, prompt in enumerate(prompts):
-        check_prompt(prompt, f"prompt {i}")
-    encoded = [encode_prompt(tokenizer, p, s.system_prompt, s.raw) for p in prompts]
-    check_fits_context([len(ids) for ids in encoded], s.max_new_tokens, context_length(model))
+    encoded = decode.prepare_prompts(model, tokenizer, prompts, s)
+    reason = decode.fast_path_reason(model, s)
+    if reason is None:
+        with _eval_mode(model):
+            return decode.decode_batch(model, tokenizer, prompts, encoded, s, batch_size)
+    decode.say_path(model, f"plain transformers generate ({reason})")
     stops = stop_token_ids(model, tokenizer)
     config = _generation_config(s, stops, _pad_id(tokenizer, stops))
     # Batch prompts of similar length together: less padding, fewer wasted positions.

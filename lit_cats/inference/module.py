@@ -73,9 +73,11 @@ class AdapterModule(QLoRAModule):
 
     def predict_step(self, batch: list[Prompt], batch_idx: int) -> list[dict[str, Any]]:
         """Answer a batch of prompts; records for ``lit_cats.callbacks.PredictionWriter``."""
-        settings = self.generation
+        settings = replace(self.generation, progress=True)  # a line every few seconds
         if settings.seed is not None:  # each batch its own seed, all reproducible
             settings = replace(settings, seed=settings.seed + batch_idx)
         tokenizer = self.get_tokenizer()
+        # All of the batch at once unless generation.batch_size says fewer (then the other
+        # prompts refill the slots of finished answers).
         results = generate(self.model, tokenizer, batch, settings, batch_size=len(batch))
         return [answer_record(result) for result in results]
