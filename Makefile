@@ -27,8 +27,24 @@ $(VENV)/.triton: $(VENV)/.installed
 		|| echo "no Triton wheel for this machine: its interpreter test will be skipped"
 	touch $@
 
+# llama.cpp for the export round trip (tests/test_export.py), pinned in pyproject's `llama` extra.
+# PyPI has only its source for Linux, so it is built once (minutes) into a wheel cache that later
+# set-ups install from: portable (no -march=native), without llama.cpp's tools, tests, examples.
+LLAMA_CPP  := $(shell sed -n 's/.*"\(llama-cpp-python==[^"]*\)".*/\1/p' pyproject.toml)
+WHEELS     ?= $(HOME)/.cache/lit-cats/wheels
+LLAMA_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+LLAMA_PIP  := $(BIN)/pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python
+
+$(VENV)/.llama: $(VENV)/.installed
+	$(LLAMA_PIP) "$(LLAMA_CPP)" 2>/dev/null || { \
+		echo "building $(LLAMA_CPP) into $(WHEELS) (once; several minutes)"; \
+		CMAKE_ARGS="$(LLAMA_ARGS)" $(BIN)/pip wheel -q --no-deps "$(LLAMA_CPP)" -w $(WHEELS) \
+		&& $(LLAMA_PIP) "$(LLAMA_CPP)"; }
+	touch $@
+
 ## test: the CPU test suite (offline, a few minutes)
-test: $(VENV)/.installed $(VENV)/.triton
+test: $(VENV)/.installed $(VENV)/.triton $(VENV)/.llama
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed
