@@ -165,10 +165,10 @@ def test_compiled_fit_from_the_cli_resumes_and_saves_a_plain_adapter(run_dir, co
     main(tiny_fit_args(*args, "--trainer.max_steps", "4", "--ckpt_path", "last"))
     assert compile_counters()[1] == breaks
     runs = run_dir / "logs" / "tiny-cats"
-    ckpt = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4  # resumed at 2, not restarted
     assert all("lora_" in key and "_orig_mod" not in key for key in ckpt["state_dict"])
-    weights = load_file(runs / "version_1" / "adapter" / "adapter_model.safetensors")
+    weights = load_file(runs / "version_0" / "adapter" / "adapter_model.safetensors")
     assert weights and all("_orig_mod" not in key for key in weights)
 
 
@@ -233,3 +233,51 @@ def test_uncheckpointed_layers_in_compiled_layers(
     got = loss_and_grads(module, batch)
     assert len(checkpoint_calls) == len(module.model.get_base_model().model.layers) - 1
     assert_steps_close(got, loss_and_grads(speed_module(**FAST), batch), 1e-3, 5e-2)
+
+
+# ------------------------------------------------------------------------------ compile: auto
+def test_compile_pays_only_when_the_steps_save_more_than_compiling_costs():
+    chosen, why = fast_compile.compile_pays(steps=100, eager_s=0.5, compiled_s=0.3, compile_s=15)
+    assert chosen and why == "100 steps x 0.2 s saved per step = 20 s > 15 s of compilation"
+    chosen, why = fast_compile.compile_pays(steps=50, eager_s=0.5, compiled_s=0.3, compile_s=15)
+    assert not chosen and "= 10 s <= 15 s" in why
+
+
+@pytest.mark.parametrize(("max_steps", "chosen"), [("60", "eager"), ("100000", "compiled layers")])
+def test_compile_auto_is_decided_by_the_planned_run_length(run_dir, capsys, max_steps, chosen):
+    """On a calibrated GPU (named, so the CPU can plan for it), fast.yaml's small steps: the
+    tiny config's 60 steps do not repay compiling; 100,000 do."""
+    from lit_cats.cli import main
+
+    fast = ("--config", str(CONFIGS / "fast.yaml"), "--data.packing", "false")
+    run = ("--trainer.max_steps", max_steps, "--trainer.max_epochs", "-1")
+    main(["plan", *tiny_fit_args()[1:5], *fast, "--model.speed.compile", "auto",
+          "--plan.gpu", "H100", *run])  # fmt: skip
+    lines = [x for x in capsys.readouterr().out.splitlines() if "compile: auto" in x]
+    assert len(lines) == 1 and f"compile: auto -> {chosen}: {max_steps[:3]}" in lines[0]
+
+
+def test_compile_auto_without_a_gpu_trains_eager_layers(run_dir, compile_counters):
+    from lit_cats.cli import main
+
+    graphs, _ = compile_counters()
+    main(tiny_fit_args("--model.speed.compile", "auto", "--trainer.max_steps", "1"))
+    assert compile_counters()[0] == graphs  # nothing was compiled
+    saved = (run_dir / "logs" / "tiny-cats" / "version_0" / "config.yaml").read_text()
+    assert "compile: auto" in saved  # the choice is the run's; a resumed run decides again
+
+
+def test_fit_resolves_compile_auto_from_its_plan(run_dir, compile_counters, caplog):
+    """With a device to plan for (named, with its memory), fit decides ``auto`` from the plan
+    before the model is built: 2 steps do not repay compiling, so the layers stay eager."""
+    import logging
+
+    from lit_cats.cli import main
+
+    fast = ("--config", str(CONFIGS / "fast.yaml"), "--data.packing", "false")
+    plan = ("--plan.gpu", "H100", "--plan.device_memory_gb", "80")
+    graphs, _ = compile_counters()
+    with caplog.at_level(logging.INFO):
+        main(tiny_fit_args(*fast, *plan, "--trainer.max_steps", "2"))
+    assert compile_counters()[0] == graphs
+    assert any("compile: auto -> eager: 2 steps x" in r.getMessage() for r in caplog.records)

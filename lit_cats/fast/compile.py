@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,6 +162,49 @@ def _checkpointed_call(layer: nn.Module, compiled: Callable, *args: Any, **kwarg
             **kwargs,
         )
     return compiled(*args, **kwargs)
+
+
+def compile_pays(
+    steps: int, eager_s: float, compiled_s: float, compile_s: float
+) -> tuple[bool, str]:
+    """``compile: auto``'s rule: compile when the run's steps save more than compiling costs.
+
+    Args:
+        steps: Planned optimizer steps.
+        eager_s: Expected seconds per step with eager layers.
+        compiled_s: Expected seconds per step with compiled layers.
+        compile_s: Expected seconds of compilation (cold, or from a warm cache).
+
+    Returns:
+        Whether to compile, and why, in one line.
+    """
+    saving = steps * (eager_s - compiled_s)
+    why = (
+        f"{steps:,} steps x {eager_s - compiled_s:.3g} s saved per step = {saving:.0f} s "
+        f"{'>' if saving > compile_s else '<='} {compile_s:.0f} s of compilation"
+    )
+    return saving > compile_s, why
+
+
+def inductor_cache_dir() -> Path:
+    """Where Inductor keeps compiled code between processes: ``TORCHINDUCTOR_CACHE_DIR``, else
+    torch's default (``<tmp>/torchinductor_<user>``)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # torch's own resolution
+
+    return Path(cache_dir())
+
+
+def inductor_cache_is_warm() -> bool:
+    """Whether Inductor's FX graph cache holds compiled graphs (from an earlier run).
+
+    torch caches compiled code across processes by default (``torch._inductor.config.
+    fx_graph_cache`` and ``torch._functorch.config.enable_autograd_cache``): a later run with
+    the same shapes and code loads the kernels instead of compiling them, and only Dynamo's
+    tracing runs again. Graphs of another model or shape also count here, so this is the
+    cache's state, not a promise of a hit.
+    """
+    graphs = inductor_cache_dir() / "fxgraph"
+    return graphs.is_dir() and any(graphs.iterdir())
 
 
 def has_cxx_compiler() -> bool:

@@ -76,7 +76,7 @@ class SpeedKit:
         model.train()
         if s.fast_lora:
             enable_fast_lora(model)
-        if s.compile:
+        if s.compile is True:  # "auto" is resolved by the planner before the model is built
             compile_decoder_layers(model, keep_dequantized_weights=s.keep_dequantized_weights)
         return model
 

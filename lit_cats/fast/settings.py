@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from lit_cats.errors import InvalidSetting
 
 
 @dataclass
@@ -32,7 +35,9 @@ class SpeedSettings:
             (CUDA and ``pip install 'lit-cats[liger]'``). An alternative to ``compile``.
         compile: ``torch.compile`` each decoder layer for the training step (the elementwise
             work between the matmuls fused); the first steps pay the compilation. Validation
-            and generation run the layers eagerly.
+            and generation run the layers eagerly. ``"auto"``: compile only when the planned
+            run is long enough for the saving to repay the compile time (``lit-cats plan``
+            says which was chosen and why; resolved before the model is built).
         keep_dequantized_weights: Without checkpointing, in compiled layers on large steps:
             keep each 4-bit weight's 16-bit copy from the forward for the backward instead of
             dequantizing it again. Spare memory spent on speed.
@@ -47,26 +52,26 @@ class SpeedSettings:
     loss_chunk_size: int | None = None
     fast_lora: bool = False
     liger_kernels: bool = False
-    compile: bool = False
+    compile: bool | Literal["auto"] = False
     keep_dequantized_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(
+            raise InvalidSetting(
                 f"model.speed.loss_chunk_size must be >= 1 or null, got {self.loss_chunk_size}."
             )
         if self.uncheckpointed_layers < 0:
-            raise ValueError(
+            raise InvalidSetting(
                 f"model.speed.uncheckpointed_layers must be >= 0, got {self.uncheckpointed_layers}."
             )
         if self.uncheckpointed_layers and not self.gradient_checkpointing:
-            raise ValueError(
+            raise InvalidSetting(
                 f"model.speed.uncheckpointed_layers is {self.uncheckpointed_layers}, but "
                 "gradient_checkpointing is false, so every layer keeps its activations already: "
                 "set uncheckpointed_layers to 0, or turn checkpointing on."
             )
-        if self.compile and self.liger_kernels:
-            raise ValueError(
+        if self.compile is True and self.liger_kernels:  # "auto" then chooses eager layers
+            raise InvalidSetting(
                 "model.speed.compile and model.speed.liger_kernels are alternatives: compiling "
                 "fuses the same norm, SwiGLU and rotary work, and torch.compile cannot trace "
                 "Liger's kernels. Set one of them to false."
@@ -83,7 +88,7 @@ class SpeedSettings:
         ]  # fmt: skip
         missing = [f"{setting} ({why})" for setting, ok, why in needs if not ok]
         if missing:
-            raise ValueError(
+            raise InvalidSetting(
                 "model.speed.keep_dequantized_weights needs " + "; ".join(missing) + ". Set "
                 "those, or keep_dequantized_weights false."
             )
@@ -95,7 +100,7 @@ class SpeedSettings:
             ValueError: ``keep_dequantized_weights`` without ``load_in_4bit``.
         """
         if self.keep_dequantized_weights and not load_in_4bit:
-            raise ValueError(
+            raise InvalidSetting(
                 "model.speed.keep_dequantized_weights keeps 4-bit weights' 16-bit copies, but "
                 "model.load_in_4bit is false: set keep_dequantized_weights to false."
             )
