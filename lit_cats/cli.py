@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib
+import re
+import shutil
 import sys
+import warnings
+from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,15 +30,20 @@ from lit_cats.callbacks import (
     RunProgress,
     RunSummary,
 )
+from lit_cats.callbacks.rng_state import RNGState
 from lit_cats.data.datamodule import CatsDataModule
-from lit_cats.errors import reported
+from lit_cats.errors import UsageError, reported
+from lit_cats.export import export_adapter
 from lit_cats.fast.settings import LEGACY_KEYS
-from lit_cats.hub import push_run
+from lit_cats.hub import push_run, read_tensorboard_scalars
 from lit_cats.inference.merge import merge_adapter
 from lit_cats.inference.module import AdapterModule
-from lit_cats.locations import experiment_dir, newest_match
+from lit_cats.locations import experiment_dir
 from lit_cats.logger import CatsTensorBoardLogger
 from lit_cats.model import QLoRAModule
+from lit_cats.plan import PlanSettings
+from lit_cats.plan.command import check_before_fit, plan_command
+from lit_cats.resume import find_last, prepare_resume, read_checkpoint
 from lit_cats.tiny import tiny_model_path
 
 
@@ -48,6 +60,7 @@ class CatsCLI(LightningCLI):
         parser.add_lightning_class_args(GenerationSamples, "samples")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_class_arguments(PlanSettings, "plan")  # lit-cats plan; fit's check at start
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's subcommands with a one-line help each, then the helper commands, so
@@ -58,7 +71,7 @@ class CatsCLI(LightningCLI):
         subcommands = parser._subcommands_action
         for choice in subcommands._choices_actions:
             choice.help = COMMANDS.get(choice.dest, choice.help)
-        for name in _helper_commands():
+        for name in [*_helper_commands(), *MODEL_COMMANDS, "plan"]:
             helper = ArgumentParser(description=f"{COMMANDS[name]} See 'lit-cats {name} --help'.")
             subcommands.add_subcommand(name, helper, help=COMMANDS[name])
 
@@ -108,30 +121,45 @@ class CatsCLI(LightningCLI):
         return added
 
     def before_fit(self) -> None:
-        """Resolve ``ckpt_path: last`` to the newest ``last.ckpt`` of this experiment.
+        """Save random-number state in checkpoints; check a ``--ckpt_path`` before the model loads.
 
-        Lightning looks for "last" only in the new run's own (empty) checkpoint folder, and
-        starts from scratch with a warning when there is none; a resumed run would silently
-        restart. We look through every version of the experiment instead, and fail loudly.
+        Lightning checkpoints no generator state, so a resumed run would draw other dropout
+        masks (:class:`~lit_cats.callbacks.RNGState`). Lightning looks for ``last`` only in the
+        new run's own (empty) checkpoint folder and silently restarts when there is none; we
+        take the newest ``last.ckpt`` of this experiment's run folders instead, and refuse an
+        unreadable file, other settings, or a run with nothing left to train
+        (:func:`lit_cats.resume.prepare_resume`, which also points the logger at the run's
+        folder).
         """
+        if not any(isinstance(c, RNGState) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(RNGState())
+        check_before_fit(self)  # print the plan; refuse a run it says cannot fit the GPU
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last":
-            config["ckpt_path"] = str(find_last_checkpoint(self.trainer))
+        if config.get("ckpt_path") is not None:
+            # As SaveConfigCallback writes config.yaml, so both sides read alike.
+            parser = self._parser(self.subcommand)
+            settings = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+            data = self.datamodule.hparams if self.datamodule is not None else None
+            path = prepare_resume(
+                self.trainer, self.model.hparams, data, config["ckpt_path"], settings
+            )
+            config["ckpt_path"] = str(path)
 
     def _parse_ckpt_path(self) -> None:
-        """Read a checkpoint's hyperparameters as Lightning does, after migrating old keys.
+        """``fit``: nothing (the command line and config decide; :meth:`before_fit` compares
+        them with the checkpoint's). Elsewhere: the checkpoint's model settings, as Lightning
+        reads them, after migrating old keys, and an unreadable file is a usage error.
 
         Lightning's own method (private; no public hook parses the checkpoint's
-        hyperparameters) would reject checkpoints written before ``model.speed`` existed.
+        hyperparameters) loads them over the command line, so ``fit --ckpt_path FILE --model.r
+        8`` would train with the checkpoint's ``r`` and say nothing; it would also reject
+        checkpoints written before ``model.speed`` existed.
         """
-        ckpt_path = (
-            self.config[self.config.subcommand].get("ckpt_path")
-            if self.config.get("subcommand")
-            else None
-        )
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return  # nothing to read (Lightning's own method returns here too)
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand == "fit" or not ckpt_path or ckpt_path in ("last", "best", "hpc"):
+            return  # Lightning resolves those names itself (validate/test)
+        checkpoint = read_checkpoint(ckpt_path)
         hparams = migrate_hparams(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         if hparams:
@@ -207,19 +235,14 @@ INFERENCE_KEYS = ("adapter", "generation")
 
 
 def find_last_checkpoint(trainer: Trainer) -> Path:
-    """Newest ``last.ckpt`` under the logger's experiment folder (all versions).
+    """What ``--ckpt_path last`` resumes: the newest ``last.ckpt`` of the experiment's run
+    folders (``version_*/checkpoints/``), or the newest readable checkpoint there if that one
+    is unreadable (:func:`lit_cats.resume.find_last`).
 
     Raises:
-        FileNotFoundError: If there is none, with where it looked and what to do.
+        UsageError: If there is none, with where it looked and what to do.
     """
-    root = experiment_dir(trainer)
-    found = newest_match(root, "**/last*.ckpt")
-    if found is None:
-        raise FileNotFoundError(
-            f"--ckpt_path last: no last.ckpt under {str(root)!r}, so there is no run to resume. "
-            "Start without --ckpt_path, or pass a checkpoint file's path."
-        )
-    return found
+    return find_last(experiment_dir(trainer))
 
 
 def build_tiny(cache_dir: str | None = None) -> None:
@@ -246,12 +269,31 @@ COMMANDS = {
     "merge": "Fold an adapter into its base; save a bf16 model.",
     "push": "Push a run folder's adapter to the Hugging Face Hub.",
     "tiny": "Build the offline tiny model; print its folder.",
+    "plan": "Predict a fit's GPU memory, steps and time.",
+    "export": "Export an adapter to GGUF + Ollama Modelfile.",
+    "chat": "Talk to a trained adapter in the terminal.",
+    "serve": "Serve an adapter with the OpenAI chat API.",
 }
 
 
 def _helper_commands() -> dict[str, Callable[..., None]]:
     """Commands that are not Trainer entry points, each a typed function."""
-    return {"merge": merge_adapter, "push": push_run, "tiny": build_tiny}
+    return {
+        "merge": merge_adapter,
+        "push": push_run,
+        "tiny": build_tiny,
+        "export": export_adapter,
+    }
+
+
+#: Commands that load a trained model taking predict's configs; each is
+#: ``lit_cats.inference.<name>.run_<name>(argv)``, imported on use (serve needs litserve).
+MODEL_COMMANDS = ("chat", "serve")
+
+
+def _model_command(name: str) -> Callable[[list[str]], None]:
+    """The ``run_<name>(argv)`` function of a :data:`MODEL_COMMANDS` command."""
+    return getattr(importlib.import_module(f"lit_cats.inference.{name}"), f"run_{name}")
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -269,33 +311,163 @@ def _main(argv: list[str]) -> None:
     """:func:`main` inside the usage-error report (see :mod:`lit_cats.errors`)."""
     if "--debug" in argv:  # read by lit_cats.errors; not an option of any command
         argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] in MODEL_COMMANDS:
+        _model_command(argv[0])(argv[1:])
+        return
+    if argv and argv[0] == "plan":  # fit's parser; nothing is built (lit_cats.plan.command)
+        plan_command(CatsCLI, argv[1:])
+        return
     helpers = _helper_commands()
     if argv and argv[0] in helpers:
-        auto_cli(helpers[argv[0]], args=argv[1:], prog=f"lit-cats {argv[0]}")
+        run_helper(argv[0], helpers[argv[0]], argv[1:])
         return
     subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), "fit")
     mistake = usage_error(argv, subcommand)
-    if mistake:  # a usage error, as jsonargparse's own: status 2, no traceback
-        print(f"error: {mistake}", file=sys.stderr)
-        sys.exit(2)
-    CatsCLI(
-        QLoRAModule if subcommand == "fit" else AdapterModule,
-        CatsDataModule,
-        args=argv,
-        seed_everything_default=42,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # the module's injected optimizer/scheduler decide
-        parser_kwargs={"prog": "lit-cats", "description": _DESCRIPTION},
-        trainer_defaults={
-            "precision": "bf16-mixed",
-            # Lightning's summary counts the 4-bit weights as packed bytes (and bf16 as float32),
-            # so its numbers disagree with the start report's, which are lit-cats' own.
-            "enable_model_summary": False,
-            "logger": lazy_instance(
-                CatsTensorBoardLogger, save_dir="logs", name="lit-cats", default_hp_metric=False
-            ),
-        },
-    )
+    if mistake:  # before anything is parsed or built
+        raise UsageError(mistake)
+    run_folder = FailedRunFolder()
+    try:
+        ReportingCLI(
+            QLoRAModule if subcommand == "fit" else AdapterModule,
+            CatsDataModule,
+            args=argv,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the module's injected optimizer/scheduler decide
+            # Parsing errors raise (ReportingCLI adds "did you mean"), rather than printing the
+            # whole usage and exiting.
+            parser_kwargs={"prog": "lit-cats", "description": _DESCRIPTION, "exit_on_error": False},
+            trainer_defaults={
+                "precision": "bf16-mixed",
+                # Lightning's summary counts the 4-bit weights as packed bytes (and bf16 as
+                # float32), so its numbers disagree with the start report's, lit-cats' own.
+                "enable_model_summary": False,
+                "logger": lazy_instance(
+                    CatsTensorBoardLogger, save_dir="logs", name="lit-cats", default_hp_metric=False
+                ),
+                "callbacks": [run_folder],
+            },
+        )
+    except BaseException:
+        run_folder.remove_if_worthless()
+        raise
+
+
+def run_helper(name: str, function: Callable[..., None], argv: list[str]) -> None:
+    """Run a helper command (``merge``, ``push``, ``tiny``) through jsonargparse's ``auto_cli``,
+    with a parsing mistake reported as a :class:`UsageError` (plus "did you mean")."""
+    try:
+        auto_cli(function, args=argv, prog=f"lit-cats {name}", exit_on_error=False)
+    except ArgumentError as exc:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_function_arguments(function, as_positional=True)
+        raise UsageError(explain_parse_error(str(exc), _options(parser), name)) from exc
+
+
+class ReportingCLI(CatsCLI):
+    """:class:`CatsCLI` whose parsing mistakes raise a :class:`UsageError` naming the closest
+    known option ("did you mean"): jsonargparse (4.53) has no suggestions of its own, and
+    argparse's ``suggest_on_error`` (Python 3.14) covers only choices."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            with warnings.catch_warnings():
+                # main passes the console's own argv (less --debug) as args, which Lightning
+                # takes for a mix-up of args and sys.argv and warns about on every command.
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            argv = list(args or [])
+            subcommand = next((a for a in argv if a in self.subcommands()), None)
+            subparsers = parser._subcommands_action._name_parser_map
+            options = _options(subparsers.get(subcommand, parser))
+            raise UsageError(explain_parse_error(str(exc), options, subcommand)) from exc
+
+
+def _options(parser: ArgumentParser) -> list[str]:
+    """Every ``--option`` a parser knows, nested ones (``--model.speed.compile``) included."""
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+
+def explain_parse_error(message: str, options: Sequence[str], command: str | None) -> str:
+    """jsonargparse's parse error with a "did you mean" line per unknown option or config key.
+
+    Args:
+        message: jsonargparse's message (``unrecognized arguments: --model.rr 3``, ``Subcommand
+            'fit' does not accept option 'model.rr'``, ``invalid choice: 'fti' (choose ...)``).
+        options: The options the command knows (``--model.r``, ...).
+        command: The command, for the ``--help`` hint.
+    """
+    lines = [message.strip()]
+    flags = re.findall(r"(?<![\w-])--[\w.-]+", message.split("unrecognized arguments:")[-1])
+    if "unrecognized arguments:" not in message:
+        flags = []
+    keys = re.findall(r"does not accept option '([\w.-]+)'", message)
+    for unknown, spelled in [(f, f) for f in flags] + [("--" + k, k) for k in keys]:
+        candidates = [o for o in options if not unknown.startswith(o + ".")]  # not --model
+        close = difflib.get_close_matches(unknown, candidates, n=3, cutoff=0.75)
+        if close:
+            names = [c if spelled.startswith("--") else c[2:] for c in close]
+            lines.append(f"  {spelled}: did you mean {' or '.join(names)}?")
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        known = re.findall(r"'([^']*)'", choice.group(2))
+        close = difflib.get_close_matches(choice.group(1), known, n=1, cutoff=0.5)
+        if close:
+            lines.append(f"  did you mean '{close[0]}'?")
+    lines.append(f"See 'lit-cats {command + ' ' if command else ''}--help' for what it takes.")
+    return "\n".join(lines)
+
+
+#: Files every run writes when it starts; a folder of only these (and TensorBoard files without
+#: a single scalar) holds nothing of value.
+_BOOKKEEPING_FILES = ("config.yaml", "hparams.yaml")
+
+
+class FailedRunFolder(Callback):
+    """Notes the run folder of a ``fit``/``validate``/``test``/``predict`` that fails, so that
+    :func:`main` removes it when it holds nothing of value (rank zero only).
+
+    Lightning creates ``version_N`` (TensorBoard's file, ``config.yaml``) before the data is
+    even loaded, so without this every failed command leaves an empty run behind. Nothing of
+    value means: no checkpoint, no adapter, no predictions, no logged scalar (not one training
+    step logged), only :data:`_BOOKKEEPING_FILES` and TensorBoard files without scalars. A
+    folder that existed before this command (a resumed run's) holds its checkpoints, so it is
+    kept; anything unexpected in a folder keeps it too.
+    """
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        log_dir = getattr(trainer.logger, "log_dir", None)  # no broadcast: this rank may be alone
+        if trainer.is_global_zero and log_dir:
+            self.run_dir = Path(log_dir)
+
+    def remove_if_worthless(self) -> None:
+        """Remove the failed run's folder (and the folders above it that are then empty)."""
+        run_dir = self.run_dir
+        if run_dir is None or not run_dir.is_dir() or not worthless_run_folder(run_dir):
+            return
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # each only when empty: other runs live there too
+            run_dir.parent.rmdir()  # the experiment's folder
+            run_dir.parent.parent.rmdir()  # the logger's save_dir
+
+
+def worthless_run_folder(run_dir: Path) -> bool:
+    """Whether a run folder holds only what every run writes at its start (see
+    :class:`FailedRunFolder`)."""
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    if any(
+        p.parent != run_dir
+        or not (p.name in _BOOKKEEPING_FILES or p.name.startswith("events.out.tfevents."))
+        for p in files
+    ):
+        return False
+    if any(p.name.startswith("events.out.tfevents.") for p in files):
+        return not read_tensorboard_scalars(run_dir)[0]
+    return True
 
 
 if __name__ == "__main__":
