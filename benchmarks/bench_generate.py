@@ -289,19 +289,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(
             time_arm("batched_4bit", lit_cats_batched, model, tokenizer, prompts, tokens, device)
         )
-        # The fast loop on the 4-bit model (auto: graphed, bitsandbytes' NF4 path); on CUDA
-        # also the other NF4 paths of decode.NF4_PATH, graphed and compiled.
-        four_bit = [("fast_4bit", "bnb", fast)]
-        if not args.tiny:
-            four_bit += [
-                ("fast_4bit_nf4_kernel", "kernel", fast),
-                ("fast_4bit_dequantize", "dequantize", fast),
-                ("compile_4bit_dequantize", "dequantize", "compile"),
-            ]
-        for name, path, mode in four_bit:
-            decode.NF4_PATH = path
-            guarded(rows, name, model, tokenizer, prompts, tokens, device, mode)
-        decode.NF4_PATH = "bnb"
+        # The fast loop on the 4-bit model: graphed, bitsandbytes' own NF4 layers.
+        guarded(rows, "fast_4bit", model, tokenizer, prompts, tokens, device, fast)
         if args.fast_lora:
             from lit_cats.fast.lora import enable_fast_lora
 

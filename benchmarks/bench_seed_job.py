@@ -252,11 +252,13 @@ def trl_worker(model_dir: str, rows: str, report: str, epochs: int, steps: int) 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             step_times.append(time.time() - self.t)
 
+    # No warm-up argument: transformers 5 dropped warmup_ratio, and the original's constant
+    # schedule ignored its warmup_ratio 0.03 anyway (README: how lit-cats differs).
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
             output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=2,
             gradient_accumulation_steps=1, optim="paged_adamw_32bit", learning_rate=2e-4,
-            weight_decay=0.0, lr_scheduler_type="constant", warmup_ratio=0.03, max_grad_norm=0.3,
+            weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=0.3,
             bf16=True, gradient_checkpointing=True, max_length=512, logging_steps=10,
             gradient_checkpointing_kwargs={"use_reentrant": False},  # as bench_train's trl_b2
             save_steps=50, report_to="none", disable_tqdm=True, use_cpu=not on_gpu,

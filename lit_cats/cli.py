@@ -33,7 +33,6 @@ from lit_cats.callbacks import (
 from lit_cats.callbacks.rng_state import RNGState
 from lit_cats.data.datamodule import CatsDataModule
 from lit_cats.errors import UsageError, reported
-from lit_cats.export import export_adapter
 from lit_cats.fast.settings import LEGACY_KEYS
 from lit_cats.hub import push_run, read_tensorboard_scalars
 from lit_cats.inference.merge import merge_adapter
@@ -278,6 +277,8 @@ COMMANDS = {
 
 def _helper_commands() -> dict[str, Callable[..., None]]:
     """Commands that are not Trainer entry points, each a typed function."""
+    from lit_cats.export import export_adapter  # imports gguf: only when a command is run
+
     return {
         "merge": merge_adapter,
         "push": push_run,

@@ -7,9 +7,6 @@ without CUDA graphs; ``decode="fast"`` asks for it there. Exactness tests run in
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -253,70 +250,3 @@ def test_gpu_graphed_greedy_equals_generate_and_argmax(tokenizer, tmp_path):
     assert [r.num_tokens for r in results] == [12] * len(PROMPTS)
     engine = decode.decoder_of(quantized)
     assert engine.graph is not None and not engine.compiled, engine.graph_failed
-    # Each NF4 path (4 rows) against bitsandbytes' own, greedy: the same weights, sums in
-    # another order, so allow the rare near-tie to differ.
-    greedy = {"max_new_tokens": 12, "do_sample": False}
-    bnb_path = generate(quantized, tokenizer, PROMPTS, decode="plain", **greedy)
-    # Each NF4 path (4 rows) against bitsandbytes' own, greedy: the same weights, sums in
-    # another order, so allow the rare near-tie to differ.
-    greedy = {"max_new_tokens": 12, "do_sample": False}
-    for path in ("kernel", "dequantize"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(decode, "NF4_PATH", path)
-            answers = _answers(generate(quantized, tokenizer, PROMPTS, **greedy))
-        same = sum(a == b for a, b in zip(answers, _answers(bnb_path), strict=True))
-        assert same >= len(PROMPTS) - 1, path
-
-
-def test_the_small_batch_nf4_kernel_multiplies_as_bitsandbytes_dequantizes(tmp_path):
-    """The kernel, run by Triton's interpreter on the CPU, against bitsandbytes' dequantized
-    weight times the input: double quantization or not, ragged shapes, 2 to 16 rows."""
-    pytest.importorskip("triton")
-    script = tmp_path / "check.py"
-    script.write_text(
-        "import torch, bitsandbytes as bnb\n"
-        "from lit_cats.fast.nf4 import NF4Weight, _dequantize_bnb\n"
-        "from lit_cats.inference.nf4_decode import _nf4_matmul\n"
-        "torch.manual_seed(0)\n"
-        "for n, k, m, nested in [(96, 512, 8, True), (40, 320, 16, True), (64, 768, 2, False)]:\n"
-        "    weight = bnb.nn.Params4bit(torch.randn(n, k) / 20, requires_grad=False,\n"
-        "                               quant_type='nf4', compress_statistics=nested)\n"
-        "    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32)\n"
-        "    layer.weight = weight\n"
-        "    layer = layer.to('cpu')  # quantizes\n"
-        "    w = NF4Weight.of(layer)\n"
-        "    x = torch.randn(m, k)\n"
-        "    expected = x @ _dequantize_bnb(w, torch.float32).T\n"
-        "    got = _nf4_matmul(x, *w)\n"
-        "    assert got.shape == expected.shape\n"
-        "    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()\n"
-        "print('ok')\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
-
-
-@pytest.mark.gpu
-def test_gpu_small_batch_nf4_kernel_matches_dequantize_and_matmul():
-    from lit_cats.fast.nf4 import NF4Weight, _dequantize_bnb
-    from lit_cats.inference import nf4_decode
-
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    for n, k in [(9216, 3072), (3072, 8192), (200, 320)]:
-        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16)
-        layer.weight = bnb.nn.Params4bit(
-            torch.randn(n, k) / 30, requires_grad=False, quant_type="nf4", compress_statistics=True
-        )
-        layer = layer.cuda()
-        for m in (2, 8, 16):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            assert nf4_decode.available(layer, x)
-            weight = _dequantize_bnb(NF4Weight.of(layer), torch.float32)
-            expected = x.float() @ weight.T
-            got = nf4_decode.nf4_matmul(layer, x).float()
-            scale = expected.abs().max()
-            assert (got - expected).abs().max() / scale < 2e-2

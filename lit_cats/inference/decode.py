@@ -63,9 +63,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lit_cats.data.prompts import Prompt, check_prompt
-from lit_cats.fast.nf4 import NF4Weight
-from lit_cats.fast.nf4 import _supported as nf4_supported
-from lit_cats.inference import nf4_decode
 from lit_cats.inference.generation import (
     GenerationResult,
     GenerationSettings,
@@ -83,14 +80,6 @@ LENGTH_BUCKET = 64
 
 #: Seconds between two progress lines of a long run.
 PROGRESS_EVERY_S = 5.0
-
-#: How the fast loop runs a bitsandbytes NF4 layer: ``"bnb"``, its own forward (at a decode
-#: step of 8 rows: two dequantization kernels and cuBLAS; the fastest measured, so the
-#: default); ``"dequantize"``, lit-cats' one-kernel dequantization and a 16-bit matmul, which
-#: torch.compile sees around (``decode="compile"``; not yet measured on a GPU); ``"kernel"``,
-#: the small-batch NF4 matmul of :mod:`lit_cats.inference.nf4_decode` (correct, measured 2x
-#: slower than ``"bnb"``). benchmarks/RESULTS.md has the numbers.
-NF4_PATH = "bnb"
 
 
 @dataclass(frozen=True)
@@ -633,7 +622,7 @@ def _attention_inputs(
     """Phi-3's norm and fused projection, split into (batch, heads, tokens, head_dim) tensors,
     with the rotary embedding applied to the queries and keys."""
     b, t = h.shape[:2]
-    qkv = _linear(layer.self_attn.qkv_proj, layer.input_layernorm(h))
+    qkv = layer.self_attn.qkv_proj(layer.input_layernorm(h))
     q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     q = qkv[..., :q_size].view(b, t, shape.heads, shape.head_dim).transpose(1, 2)
     k = qkv[..., q_size : q_size + kv_size].view(b, t, shape.kv_heads, shape.head_dim)
@@ -649,61 +638,10 @@ def _layer_output(layer: nn.Module, h: Tensor, q: Tensor, k: Tensor, v: Tensor, 
         q, k, v, attn_mask=mask, scale=shape.scaling, enable_gqa=shape.heads != shape.kv_heads
     )
     b, t = h.shape[:2]
-    h = h + _linear(layer.self_attn.o_proj, out.transpose(1, 2).reshape(b, t, -1))
-    mlp = layer.mlp  # Phi3MLP.forward, through _linear
-    gate, up = _linear(mlp.gate_up_proj, layer.post_attention_layernorm(h)).chunk(2, dim=-1)
-    return h + _linear(mlp.down_proj, up * mlp.activation_fn(gate))
-
-
-def _linear(module: nn.Module, x: Tensor) -> Tensor:
-    """A linear layer's output: the module's own forward, unless :data:`NF4_PATH` sends a
-    bitsandbytes NF4 layer (bare or under a plain peft LoRA) another way, with peft's LoRA
-    update added as peft does in eval mode (no dropout)."""
-    if NF4_PATH == "bnb":
-        return module(x)
-    base = getattr(module, "base_layer", None)
-    layer = module if base is None else base
-    if not _nf4_applies(layer, x) or (base is not None and not _plain_lora(module)):
-        return module(x)
-    out = _nf4_base(layer, x)
-    if base is None:
-        return out
-    for name in module.active_adapters:
-        if name in module.lora_A:
-            lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-            update = lora_b(lora_a(x.to(lora_a.weight.dtype))) * module.scaling[name]
-            out = out + update.to(out.dtype)
-    return out
-
-
-def _nf4_applies(layer: nn.Module, x: Tensor) -> bool:
-    if NF4_PATH == "kernel":
-        return nf4_decode.available(layer, x)
-    return nf4_supported(layer)
-
-
-def _nf4_base(layer: nn.Module, x: Tensor) -> Tensor:
-    """The 4-bit layer's own product: the small-batch kernel, or lit-cats' one-kernel
-    dequantization (a custom op, opaque to torch.compile) and a 16-bit matmul."""
-    if NF4_PATH == "kernel":
-        return nf4_decode.nf4_matmul(layer, x)
-    compute = layer.compute_dtype or x.dtype
-    weight = NF4Weight.of(layer).dequantize(compute)
-    bias = None if layer.bias is None else layer.bias.to(compute)
-    return nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
-
-
-def _plain_lora(module: nn.Module) -> bool:
-    """A peft LoRA layer whose forward is base + B(A(x)) * scaling (no DoRA, not merged)."""
-    active = getattr(module, "active_adapters", None)
-    return (
-        active is not None
-        and hasattr(module, "lora_A")
-        and not module.disable_adapters
-        and not module.merged
-        and not any(module.use_dora.get(name, False) for name in active)
-        and not getattr(module, "lora_variant", None)
-    )
+    h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    mlp = layer.mlp  # Phi3MLP.forward
+    gate, up = mlp.gate_up_proj(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+    return h + mlp.down_proj(up * mlp.activation_fn(gate))
 
 
 def _decode_layer(
