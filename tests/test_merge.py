@@ -146,3 +146,14 @@ def test_merge_into_a_non_empty_folder_needs_overwrite(adapter, tmp_path, capsys
     main([*args, "--overwrite", "true"])
     assert (out / "model.safetensors").is_file()
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_merge_of_an_adapter_that_is_no_folder_says_what_to_pass(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", "--adapter", "no-such-adapter"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'no-such-adapter' is not a folder here" in err and "--base" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_cats.data.prompts import Prompt
+from lit_cats.errors import InvalidSetting
 
 
 @dataclass
@@ -64,18 +65,18 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         modes = ("auto", "fast", "compile", "plain")
         if self.decode not in modes:
-            raise ValueError(f"decode must be one of {modes}, got {self.decode!r}.")
+            raise InvalidSetting(f"decode must be one of {modes}, got {self.decode!r}.")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}.")
+            raise InvalidSetting(f"batch_size must be >= 1 or None, got {self.batch_size}.")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+            raise InvalidSetting(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
+            raise InvalidSetting(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
                 f"{self.min_new_tokens}."
             )
         if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise ValueError(
+            raise InvalidSetting(
                 f"Sampling needs temperature > 0 and top_p in (0, 1], got {self.temperature} "
                 f"and {self.top_p}; for deterministic output use do_sample=False (greedy)."
             )

@@ -97,6 +97,12 @@ def merge_adapter(
     """
     resolved = resolve_adapter(adapter)
     base = base or adapter_base_model(resolved)
+    if base is None and not Path(resolved).is_dir():
+        raise InvalidSetting(
+            f"Adapter {resolved!r} is not a folder here, so it was taken for a Hub id, and the "
+            "base model is read only from a local adapter_config.json. Pass the adapter's "
+            "folder (logs/<name>/version_N, or its adapter/), or --base <model id or folder>."
+        )
     if base is None:
         raise InvalidSetting(
             f"Adapter {resolved!r} does not name its base model; pass --base <model id or folder>."
