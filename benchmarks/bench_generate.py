@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the shared random Phi-3-mini def
 from bench_train import PHI3_MINI, TARGETS, append_results, environment  # noqa: E402
 
 from lit_cats.inference import decode  # noqa: E402
+from lit_cats.inference import engine as decode_engine  # noqa: E402
 from lit_cats.inference.adapters import load_for_inference  # noqa: E402
 from lit_cats.inference.generation import GenerationSettings, generate  # noqa: E402
 from lit_cats.inference.merge import merge_adapter  # noqa: E402
@@ -200,7 +201,7 @@ def time_fast_arm(
     decode.release(model)
     if name.endswith("_warm_cache"):  # as a new process: torch.compile's in-memory state gone,
         torch._dynamo.reset()  # inductor's on-disk caches (written by the cold arm) kept
-        decode._compiled_decode_layer.cache_clear()
+        decode_engine._compiled_decode_layer.cache_clear()
     _reset_peak(device)
     start = time.perf_counter()
     lit_cats_batched(model, tokenizer, prompts, tokens, mode)
