@@ -318,7 +318,18 @@ def test_refuses_to_overwrite_unless_asked(export, adapter, capsys):
     (out / "Modelfile").write_text("stale")
     main(["export", *args, "--device", "cpu", "--overwrite", "true"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # same adapter, same files
-    assert "ollama create" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ollama create" in printed
+    # predict's sampling, and the way to q4_K_M from this 16-bit file
+    assert "--temp 0.7 --top-p 0.9 --top-k 50 -n 250" in printed
+    assert "model-f16.gguf" in printed and "Q4_K_M" in printed
+
+
+def test_a_quantized_export_points_to_a_16_bit_one_for_smaller_files(adapter, tmp_path, capsys):
+    args = ["--adapter", str(adapter), "--output_dir", str(tmp_path), "--dtype", "q8_0"]
+    main(["export", *args, "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "export with --dtype f16 first, then llama-quantize" in printed
 
 
 # ------------------------------------------------------------------------------ llama.cpp

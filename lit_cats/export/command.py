@@ -228,6 +228,14 @@ def _end_token(
 
 def _summary(report: ExportReport, dtype: str) -> str:
     merge, size = report.merge, report.gguf_file.stat().st_size / 2**20
+    sampling = GenerationSettings()  # predict's defaults, as the Modelfile's parameters
+    smaller = (
+        f"llama-quantize {report.gguf_file} {report.gguf_file.with_name('model-q4_K_M.gguf')} "
+        f"Q4_K_M   (or: ollama create {report.ollama_name} -q q4_K_M -f {report.modelfile})"
+        if dtype in ("bf16", "f16")
+        else "export with --dtype f16 first, then llama-quantize it to Q4_K_M (quantizing the "
+        f"{dtype} file again loses more)"
+    )
     return (
         f"Exported {merge.adapter} merged into {merge.base} -> {report.gguf_file} ({dtype}, "
         f"{size:,.1f} MiB)\n"
@@ -235,9 +243,7 @@ def _summary(report: ExportReport, dtype: str) -> str:
         f"{merge.loss_merged:.5f} (|diff| {merge.loss_diff:.2e})\n"
         f"  Ollama:    ollama create {report.ollama_name} -f {report.modelfile}\n"
         f"             ollama run {report.ollama_name}\n"
-        f"  llama.cpp: llama-cli -m {report.gguf_file} -cnv --temp 0.7 --top-p 0.9 --top-k 50 "
-        "-n 250\n"
-        f"  smaller:   llama-quantize {report.gguf_file} "
-        f"{report.gguf_file.with_name('model-q4_K_M.gguf')} Q4_K_M   (or: ollama create "
-        f"{report.ollama_name} -q q4_K_M -f {report.modelfile})"
+        f"  llama.cpp: llama-cli -m {report.gguf_file} -cnv --temp {sampling.temperature} "
+        f"--top-p {sampling.top_p} --top-k {sampling.top_k} -n {sampling.max_new_tokens}\n"
+        f"  smaller:   {smaller}"
     )
