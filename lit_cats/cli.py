@@ -1,4 +1,4 @@
-"""The ``lit-cats`` command: LightningCLI for fit/validate/test/predict, plus helper commands."""
+"""The ``lit-cats`` command: LightningCLI for fit/validate/predict, plus helper commands."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ class CatsCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_class_arguments(PlanSettings, "plan")  # lit-cats plan; fit's check at start
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's Trainer commands but ``test``: lit-cats splits data into train and
+        validation only, so ``Trainer.test`` would have nothing to run (``main`` says so)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("test")
+        return commands
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's subcommands with a one-line help each, then the helper commands, so
@@ -156,7 +164,7 @@ class CatsCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if subcommand == "fit" or not ckpt_path or ckpt_path in ("last", "best", "hpc"):
-            return  # Lightning resolves those names itself (validate/test)
+            return  # Lightning resolves those names itself (validate)
         checkpoint = read_checkpoint(ckpt_path)
         hparams = migrate_hparams(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
@@ -222,13 +230,13 @@ def usage_error(argv: Sequence[str], subcommand: str) -> str | None:
     if subcommand == "fit" and inference_only:
         return (
             f"{', '.join(inference_only)}: the adapter to load and how to generate are for "
-            "predict/validate/test; fit trains a new adapter. Drop them (or the predict config), "
+            "predict/validate; fit trains a new adapter. Drop them (or the predict config), "
             "or resume a run with --ckpt_path."
         )
     return None
 
 
-#: Model keys of predict/validate/test only (:class:`~lit_cats.inference.module.AdapterModule`).
+#: Model keys of predict/validate only (:class:`~lit_cats.inference.module.AdapterModule`).
 INFERENCE_KEYS = ("adapter", "generation")
 
 
@@ -262,7 +270,6 @@ _DESCRIPTION = (
 COMMANDS = {
     "fit": "Train a LoRA adapter on a 4-bit base (QLoRA).",
     "validate": "Score an adapter or checkpoint on the validation set.",
-    "test": "Score an adapter or checkpoint on the test set.",
     "predict": "Answer prompts with a trained adapter.",
     "merge": "Fold an adapter into its base; save a bf16 model.",
     "push": "Push a run folder's adapter to the Hugging Face Hub.",
@@ -321,7 +328,12 @@ def _main(argv: list[str]) -> None:
     if argv and argv[0] in helpers:
         run_helper(argv[0], helpers[argv[0]], argv[1:])
         return
-    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), "fit")
+    if argv and argv[0] == "test":
+        raise UsageError(
+            "lit-cats has no test command: the data is split into train and validation only. "
+            "Score an adapter or checkpoint with `lit-cats validate` (same options)."
+        )
+    subcommand = next((a for a in argv if a in ("fit", "validate", "predict")), "fit")
     mistake = usage_error(argv, subcommand)
     if mistake:  # before anything is parsed or built
         raise UsageError(mistake)

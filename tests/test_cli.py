@@ -230,7 +230,6 @@ def test_output_dir_gets_a_copy_of_the_adapter(tiny_run):
 COMMANDS = [
     "fit",
     "validate",
-    "test",
     "predict",
     "merge",
     "push",
@@ -298,3 +297,20 @@ def test_checkpointing_can_be_switched_off(run_dir, fit_args):
     main(fit_args("--trainer.max_steps", "1", "--trainer.enable_checkpointing", "false"))
     assert (run_dir / RUN / "adapter").is_dir()
     assert not (run_dir / RUN / "checkpoints").exists()
+
+
+def test_test_says_there_is_no_test_split_and_what_to_run(run_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "test",
+                "--config",
+                str(CONFIGS / "qlora.yaml"),
+                "--config",
+                str(CONFIGS / "tiny.yaml"),
+            ]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "no test command" in err and "lit-cats validate" in err and "Traceback" not in err
+    assert not (run_dir / "logs").exists()
