@@ -1,4 +1,4 @@
-"""The LightningModule of ``predict`` (and ``validate``/``test``): a trained adapter answering."""
+"""The LightningModule of ``predict`` (and ``validate``): a trained adapter answering."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from lit_cats.model import QLoRAModule
 class AdapterModule(QLoRAModule):
     """The training recipe's model, loaded with a trained adapter instead of a new one.
 
-    ``lit-cats predict``, ``validate`` and ``test`` use this class; ``fit`` uses
+    ``lit-cats predict`` and ``validate`` use this class; ``fit`` uses
     :class:`~lit_cats.model.QLoRAModule`. It takes the same settings as training (so the
     training configs stack under ``configs/predict.yaml``) and two of its own.
 
     Args:
         adapter: Trained adapter to load: ``"latest"`` (the newest ``adapter/`` of this
             experiment's runs), an adapter or run folder, or a Hub id. ``None``: the base alone
-            (e.g. a merged model) in ``predict``; in ``validate``/``test``, the training model,
+            (e.g. a merged model) in ``predict``; in ``validate``, the training model,
             whose adapter a ``--ckpt_path`` checkpoint restores.
         generation: How ``predict`` generates answers.
         **kwargs: The training settings (:class:`~lit_cats.model.QLoRAModule`).
