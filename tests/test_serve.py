@@ -250,7 +250,10 @@ def test_load_32_concurrent_clients_all_complete_and_the_server_stays_up(servers
                 chunks = client.chat.completions.create(
                     model="x", messages=messages, stream=True, **sampling
                 )
-                assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                # Each stream ends properly (the tiny model may sample its end token first, so
+                # an answer may be empty: that is not the server's doing).
+                ends = [c.choices[0].finish_reason for c in chunks if c.choices]
+                assert ends and ends[-1] is not None
             else:
                 reply = client.chat.completions.create(model="x", messages=messages, **sampling)
                 assert reply.usage.completion_tokens >= 1
