@@ -307,6 +307,15 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     device,
                 )
             )
+            # The fast loop with the fused LoRA (predict's default): graphed, and compiled
+            # (bitsandbytes' dequantization as one kernel, the rest of the step fused). On a
+            # fresh machine the first compiled arm is the cold compile of the whole process.
+            arms = [("fast_4bit_fast_lora", fast)]
+            if args.compile:
+                arms += [("compile_4bit_fast_lora", "compile"),
+                         ("compile_4bit_fast_lora_warm_cache", "compile")]  # fmt: skip
+            for name, mode in arms:
+                guarded(rows, name, model, tokenizer, prompts, tokens, device, mode)
         del model
         _free()
 

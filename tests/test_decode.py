@@ -216,6 +216,34 @@ def test_a_long_run_prints_progress_in_prompts_and_tokens_per_second(
     assert lines and lines[-1].startswith("generation: 4/4 prompts, 48 tokens, ")
 
 
+def test_compiled_4bit_step_equals_generate_through_bitsandbytes_dequantization(
+    tokenizer, tmp_path, monkeypatch
+):
+    """decode="compile" on a 4-bit base + adapter (fused LoRA, as predict runs it): the compiled
+    layer step dequantizes through NF4Weight.dequantize (bitsandbytes' arithmetic) and answers
+    as transformers' generate does, greedy, token for token."""
+    from lit_cats.fast import nf4
+    from lit_cats.fast.lora import enable_fast_lora
+    from lit_cats.inference.adapters import load_for_inference
+
+    adapter = save_random_adapter(_base(), tmp_path / "a", ["qkv_proj", "down_proj"], r=4)
+    model = load_for_inference(TINY_MODEL_ID, str(adapter), dtype="float32")
+    enable_fast_lora(model)
+    for layer in model.modules():  # keep bitsandbytes' standard layout, as on a GPU (on CPUs
+        if hasattr(layer, "support_avx512bf16_for_cpu"):  # with AVX512-BF16 its eager
+            layer.support_avx512bf16_for_cpu = False  # inference repacks the weights)
+    traced = []
+    dequantize = nf4._dequantize_bnb  # what NF4Weight.dequantize runs on the CPU
+    monkeypatch.setattr(nf4, "_dequantize_bnb", lambda w, d: traced.append(d) or dequantize(w, d))
+    plain = generate(model, tokenizer, PROMPTS, decode="plain", **GREEDY)
+    assert not traced  # eager calls keep bitsandbytes' own forward
+    compiled = generate(model, tokenizer, PROMPTS, decode="compile", **GREEDY)
+    assert decode.decoder_of(model).compiled
+    assert traced  # the compiled step went through it (traced once, replayed by the compiler)
+    assert _answers(compiled) == _answers(plain)
+    decode.release(model)
+
+
 def test_settings_refuse_an_unknown_decode_mode():
     with pytest.raises(ValueError, match="decode must be one of"):
         GenerationSettings(decode="turbo")
@@ -250,3 +278,59 @@ def test_gpu_graphed_greedy_equals_generate_and_argmax(tokenizer, tmp_path):
     assert [r.num_tokens for r in results] == [12] * len(PROMPTS)
     engine = decode.decoder_of(quantized)
     assert engine.graph is not None and not engine.compiled, engine.graph_failed
+
+
+@pytest.mark.gpu
+def test_gpu_4bit_graphed_and_compiled_greedy_equal_generate(tokenizer, tmp_path):
+    """On CUDA, a 4-bit base + adapter (fp32 compute, so rounding cannot flip an argmax), with
+    the fused LoRA as predict runs it: the graphed step (bitsandbytes' layers) and the compiled
+    graphed step (lit-cats' one-kernel dequantization, bit-identical to bitsandbytes') answer as
+    transformers' generate does, token for token, and alone as in a batch."""
+    from lit_cats.fast.lora import enable_fast_lora
+    from lit_cats.inference.adapters import load_for_inference
+
+    adapter = save_random_adapter(_base(), tmp_path / "a", ["qkv_proj", "o_proj", "gate_up_proj",
+                                                           "down_proj"], r=4)  # fmt: skip
+    model = load_for_inference(TINY_MODEL_ID, str(adapter), dtype="float32", device="cuda")
+    enable_fast_lora(model)
+    plain = generate(model, tokenizer, PROMPTS, decode="plain", **GREEDY)
+    graphed = generate(model, tokenizer, PROMPTS, decode="fast", **GREEDY)
+    engine = decode.decoder_of(model)
+    assert engine.graph is not None and not engine.compiled, engine.graph_failed
+    compiled = generate(model, tokenizer, PROMPTS, decode="compile", **GREEDY)
+    engine = decode.decoder_of(model)
+    assert engine.graph is not None and engine.compiled, engine.graph_failed
+    assert _answers(graphed) == _answers(plain) == _answers(compiled)
+    alone = [generate(model, tokenizer, [p], decode="compile", **GREEDY)[0] for p in PROMPTS]
+    assert _answers(alone) == _answers(plain)
+
+
+@pytest.mark.gpu
+def test_gpu_under_autocast_the_step_is_graphed_and_equals_the_eager_step(
+    tokenizer, tmp_path, monkeypatch
+):
+    """Training's samples run under bf16 autocast: the step is captured with autocast's cache
+    of cast weights off, and its seeded samples equal the same loop run eagerly (graph capture
+    made to fail: the fallback), replay after replay."""
+    from lit_cats.inference.adapters import load_for_inference
+
+    adapter = save_random_adapter(_base(), tmp_path / "a", ["qkv_proj", "down_proj"], r=4)
+    model = load_for_inference(TINY_MODEL_ID, str(adapter), dtype="float32", device="cuda")
+    sampled = {"max_new_tokens": 24, "seed": 5, "decode": "auto"}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = generate(model, tokenizer, PROMPTS, **sampled)
+        engine = decode.decoder_of(model)
+        assert engine.graph is not None and not engine.compiled, engine.graph_failed
+    torch.ones(1 << 24, device="cuda")  # reuse freed memory before replaying again
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        again = generate(model, tokenizer, PROMPTS, **sampled)
+    decode.release(model)
+
+    def no_capture(*args, **kwargs):
+        raise RuntimeError("capture refused by the test")
+
+    monkeypatch.setattr(torch.cuda, "graph", no_capture)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = generate(model, tokenizer, PROMPTS, **sampled)
+    assert decode.decoder_of(model).graph is None
+    assert _answers(graphed) == _answers(again) == _answers(eager)

@@ -31,7 +31,7 @@ class GenerationSamples(L.Callback):
     so a run shows when the model learns the style and whether it learns to stop. Generation
     runs on rank zero only, batched, with a fixed seed so steps are comparable; with the
     defaults it costs about ``max_new_tokens`` forward passes per validation. On CUDA it takes
-    lit-cats' fast decode loop (static KV cache; eager under training's autocast), freed after
+    lit-cats' fast decode loop (static KV cache, CUDA graph under training's autocast), freed after
     each sampling (:mod:`lit_cats.inference.decode`).
 
     Example (``lit-cats`` exposes it as the top-level ``samples:`` section)::

@@ -510,11 +510,18 @@ def fused_lora_linear(
 
 
 def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    if not torch.compiler.is_compiling() or not _supported(self) or not small_step(x):
+    if not torch.compiler.is_compiling() or not _supported(self):
         return self._lit_cats_bnb_forward(x)
-    state = self.weight.quant_state
     compute = self.compute_dtype or x.dtype
     bias = None if self.bias is None else self.bias.to(compute)
+    if getattr(self, "_lit_cats_decode", False) and not torch.is_grad_enabled():
+        # A compiled decode step (mark_decode_layers): bitsandbytes' dequantization bit for
+        # bit (one kernel on CUDA), then its matmul, with the rest of the step compiled around.
+        weight = NF4Weight.of(self).dequantize(compute)
+        return nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
+    if not small_step(x):
+        return self._lit_cats_bnb_forward(x)
+    state = self.weight.quant_state
     out = _NF4Linear.apply(
         x.to(compute), bias, state.code, tuple(state.shape), state.blocksize, *_quantized(self)
     )
@@ -545,4 +552,21 @@ def trace_nf4_layers(module: nn.Module, keep_dequantized: bool = False) -> int:
             if keep_dequantized:
                 layer._lit_cats_keep_weight = True
             count += 1
+    return count
+
+
+def mark_decode_layers(module: nn.Module) -> int:
+    """Let a compiled decode step (:mod:`lit_cats.inference.engine`) run every bitsandbytes
+    4-bit linear layer in ``module`` as :meth:`NF4Weight.dequantize` + ``linear``: bitsandbytes'
+    own arithmetic (its dequantization is bit-identical, one Triton kernel on CUDA instead of
+    two, and the same matmul), as one opaque op the compiler schedules around, with the norms,
+    rotary embedding, residual adds and LoRA updates of the step fused by the compiler.
+
+    Only compiled code without autograd takes this path; eager calls and training keep theirs.
+    Returns how many layers (0 without bitsandbytes).
+    """
+    count = trace_nf4_layers(module)
+    for layer in module.modules():
+        if hasattr(layer, "_lit_cats_bnb_forward"):
+            layer._lit_cats_decode = True
     return count

@@ -282,13 +282,15 @@ def _engine(
     if context is not None:
         length = min(length, max(context, longest))
     device = model_device(model)
-    # Not under autocast (the training samples): its cache of cast weights would be freed
-    # under a captured graph (torch.cuda.graph's documentation), so that step runs eagerly.
-    graphs = device.type == "cuda" and not torch.is_autocast_enabled(device.type)
+    graphs = device.type == "cuda"  # under autocast too (training's samples): captured uncached
     # auto compiles the graphed step of 16-bit models (measured: benchmarks/RESULTS.md); a
-    # 4-bit model's compiled step has not beaten its graphed one yet (same file).
+    # 4-bit model's compiled step has not beaten its graphed one yet (same file). Not under
+    # autocast: training's samples are a few short batches, where compiling would not pay.
     quantized = bool(getattr(causal_lm(model), "is_loaded_in_4bit", False))
-    compiled = s.decode == "compile" or (s.decode == "auto" and graphs and not quantized)
+    autocast = torch.is_autocast_enabled(device.type)
+    compiled = s.decode == "compile" or (
+        s.decode == "auto" and graphs and not quantized and not autocast
+    )
     engine = decoder_of(model)
     if engine is not None and engine.fits(model, slots, length, compiled, graphs):
         return engine

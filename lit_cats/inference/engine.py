@@ -8,6 +8,7 @@ answers and stream events; the design (why a loop of lit-cats' own) is in its do
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -62,6 +63,11 @@ class Engine:
         self.layer_fn: Callable[..., Tensor] = _decode_layer
         if compiled:
             self.layer_fn = _compiled_decode_layer()
+            # A 4-bit base's layers: bitsandbytes' dequantization + matmul as opaque ops,
+            # everything around them fused by the compiler (lit_cats.fast.nf4).
+            from lit_cats.fast.nf4 import mark_decode_layers
+
+            mark_decode_layers(self.lm)
         # The step's state lives at fixed addresses (what a graph replays): each slot's last
         # token and its position, tokens made, whether finished, the tokens themselves (a
         # spare last column takes the writes of finished slots), and the sampling noise.
@@ -193,14 +199,14 @@ class Engine:
         stream = torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), _uncached_autocast(self.device):
                 for _ in range(3):  # compile (when asked) and settle lazy initialisations
                     self._advance(plan)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             for t, old in zip(state, saved, strict=True):
                 t.copy_(old)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool), _uncached_autocast(self.device):
                 self._advance(plan)
             self.graphs[plan.key] = graph
             self.graph = graph
@@ -309,7 +315,8 @@ class _Plan(NamedTuple):
         stop_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         stop_mask[torch.tensor(stops, device=device)] = True
         sampling = (s.temperature, s.top_k, s.top_p) if s.do_sample else ()
-        key = (s.do_sample, *sampling, s.max_new_tokens, s.min_new_tokens, tuple(stops))
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        key = (s.do_sample, *sampling, s.max_new_tokens, s.min_new_tokens, tuple(stops), autocast)
         return cls(s, _warpers(s), stop_mask, s.max_new_tokens, s.min_new_tokens, key)
 
 
@@ -321,6 +328,16 @@ class _Shape(NamedTuple):
     head_dim: int
     scaling: float
     rotary: Callable[..., tuple[Tensor, Tensor]]
+
+
+def _uncached_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The caller's autocast (training's samples run under it), with its cache of cast weights
+    off: a captured graph must not keep pointers into that cache, which autocast frees when it
+    exits (torch.cuda.graph's documentation). A no-op outside autocast."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device.type)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 def _causal_mask(keys: Tensor, queries: Tensor, window: int | None) -> Tensor:
