@@ -18,9 +18,11 @@ LoRA, or plain bf16 linears alike) in a loop of its own:
   and bookkeeping (next token, tokens made, finished flags), is captured once per (slots,
   max_length, sampling settings) and replayed; the host draws the sampling noise and launches
   the graph, and looks at the tokens every 8 steps (every step when streaming);
-- **compiled step** (``decode="auto"`` on CUDA for 16-bit models, or ``"compile"``): one
+- **compiled step** (``decode="auto"`` on CUDA outside autocast, or ``"compile"``): one
   decoder layer's step goes through ``torch.compile`` once and serves all layers (their
-  weights are graph inputs), then is captured as above. Inductor keeps what it compiles in its
+  weights are graph inputs), then is captured as above. A 4-bit base's matmuls are
+  bitsandbytes' dequantization (one kernel on CUDA, bit-identical) and cuBLAS, as opaque ops
+  (:func:`lit_cats.fast.nf4.mark_decode_layers`); the compiler fuses what lies between them. Inductor keeps what it compiles in its
   on-disk caches (FX graph and AOTAutograd caches, Triton kernels; under
   ``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``), so a later process
   compiles in a fraction of the time (benchmarks/RESULTS.md: cold vs warm);
@@ -283,14 +285,11 @@ def _engine(
         length = min(length, max(context, longest))
     device = model_device(model)
     graphs = device.type == "cuda"  # under autocast too (training's samples): captured uncached
-    # auto compiles the graphed step of 16-bit models (measured: benchmarks/RESULTS.md); a
-    # 4-bit model's compiled step has not beaten its graphed one yet (same file). Not under
-    # autocast: training's samples are a few short batches, where compiling would not pay.
-    quantized = bool(getattr(causal_lm(model), "is_loaded_in_4bit", False))
+    # auto compiles the graphed step, of 16-bit and 4-bit models alike (both faster compiled:
+    # benchmarks/RESULTS.md). Not under autocast: training's samples are a few short batches,
+    # where compiling would not pay.
     autocast = torch.is_autocast_enabled(device.type)
-    compiled = s.decode == "compile" or (
-        s.decode == "auto" and graphs and not quantized and not autocast
-    )
+    compiled = s.decode == "compile" or (s.decode == "auto" and graphs and not autocast)
     engine = decoder_of(model)
     if engine is not None and engine.fits(model, slots, length, compiled, graphs):
         return engine
