@@ -22,10 +22,10 @@ LoRA, or plain bf16 linears alike) in a loop of its own:
   decoder layer's step goes through ``torch.compile`` once and serves all layers (their
   weights are graph inputs), then is captured as above. A 4-bit base's matmuls are
   bitsandbytes' dequantization (one kernel on CUDA, bit-identical) and cuBLAS, as opaque ops
-  (:func:`lit_cats.fast.nf4.mark_decode_layers`); the compiler fuses what lies between them. Inductor keeps what it compiles in its
-  on-disk caches (FX graph and AOTAutograd caches, Triton kernels; under
-  ``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``), so a later process
-  compiles in a fraction of the time (benchmarks/RESULTS.md: cold vs warm);
+  (:func:`lit_cats.fast.nf4.mark_decode_layers`); the compiler fuses what lies between them.
+  Inductor keeps what it compiles in its on-disk caches (FX graph and AOTAutograd caches,
+  Triton kernels; under ``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``),
+  so a later process compiles in a fraction of the time (benchmarks/RESULTS.md: cold vs warm);
 - **continuous refill**: prompts wait in a queue (shortest first); when an answer finishes, its
   slot is prefilled with the next prompt while the others keep decoding;
 - the prefill (prompts, any length) runs eagerly, one forward per refill group: its cost is
