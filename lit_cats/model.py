@@ -18,6 +18,7 @@ from peft import PeftModel, get_peft_model
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
+from lit_cats.data.collate import is_packed
 from lit_cats.data.sampling import STEP_SHARE_KEY
 from lit_cats.errors import InvalidSetting, TrainingDiverged
 from lit_cats.fast import SpeedKit, SpeedSettings
@@ -298,13 +299,17 @@ class QLoRAModule(L.LightningModule):
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.kit.prepare_step(self.model, batch)  # e.g. the attention packed rows need
 
-    def evaluation(self) -> contextlib.AbstractContextManager:
+    def evaluation(self, batch: dict[str, Any] | None = None) -> contextlib.AbstractContextManager:
         """Around validation and generation during training (the samples callback)."""
-        return self.kit.evaluating(self.model)
+        return self.kit.evaluating(self.model, batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        with self.evaluation():  # compiled layers are for training steps
-            loss = self.model(**batch).loss
+        with self.evaluation(batch):  # compiled layers are for training steps
+            # A packed row (data.packing) takes the training loss (chunked when configured:
+            # no full-vocabulary logits for thousands of tokens); a padded batch, the model's.
+            loss = (
+                self.kit.loss(self.model, batch) if is_packed(batch) else self.model(**batch).loss
+            )
         # Weight by label tokens so the epoch value is the mean per-token loss, not per-batch.
         self.val_loss.update(loss, weight=label_token_count(batch["labels"]))
 

@@ -174,3 +174,12 @@ def test_examples_with_nothing_left_to_learn_are_left_out(tiny_path, tmp_path):
 def test_batches_per_epoch_is_known_before_the_loader(tiny_path):
     dm = _setup("lit-cats/cat-memes", batch_size=8)
     assert dm.batches_per_epoch() == len(list(dm.train_dataloader()))
+
+
+def test_packed_validation_batches_hold_every_example_once_in_order(tiny_path):
+    dm = _setup("lit-cats/cat-memes", val_size=0.1, packing=True, max_tokens_per_batch=1024)
+    batches = list(dm.val_dataloader())
+    assert len(batches) < len(dm.val_dataset) / 4  # a few packed rows, not padded pairs
+    assert all(b["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in b for b in batches)
+    tokens = [t for b in batches for t in b["input_ids"][0].tolist()]
+    assert tokens == [t for ids in dm.val_dataset["input_ids"] for t in ids]

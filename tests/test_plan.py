@@ -211,5 +211,22 @@ def test_step_times_come_from_the_table_with_their_source():
     half = Architecture(3072, 8192, 16, 32, 32, 32064)  # half the layers: half the FLOPs per token
     scaled = calibration.step_time("H200", Setting("fast", True, True, "large"), 20454, half)
     assert scaled.seconds == pytest.approx(0.5, rel=0.01) and "scaled x0.5" in scaled.source
-    cold = calibration.compile_seconds("H200", "large", warm=True)
-    assert cold.seconds == 20 and "the cold one is used" in cold.source
+    warm = calibration.compile_seconds("H200", "large", warm=True)
+    assert warm.seconds == 7.7 and "compile_warm arm" in warm.source
+    cold = calibration.compile_seconds("H200", "small", warm=True)  # no warm figure measured
+    assert cold.seconds == 45 and "the cold one is used" in cold.source
+
+
+@pytest.mark.parametrize("warm, compile_s", [(True, "8 s"), (False, "22 s")])
+def test_compile_auto_weighs_the_warm_or_the_cold_compile_time(
+    run_dir, capsys, monkeypatch, warm, compile_s
+):
+    # calibration.yaml's H200 figures for large steps: 7.7 s warm, 21.5 s cold.
+    from lit_cats.plan import planner
+
+    monkeypatch.setattr(planner, "inductor_cache_is_warm", lambda: warm)
+    fast = ("--config", str(CONFIGS / "fast.yaml"), "--data.max_tokens_per_batch", "4096")
+    main(["plan", *tiny_fit_args()[1:5], *fast, "--model.speed.compile", "auto",
+          "--plan.gpu", "NVIDIA H200", "--plan.device_memory_gb", "140"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "compile: auto -> eager" in out and f" {compile_s} of compilation" in out

@@ -109,6 +109,17 @@ def test_validate_with_the_trained_adapter_matches_the_fits_last_validation(trai
     assert _events(run).Scalars("loss/val")[-1].value == pytest.approx(fit_loss, rel=1e-3)
 
 
+def test_packed_validation_gives_the_padded_validation_loss(trained):
+    # data.packing validates in token-budget rows too (one process): the same examples, the
+    # same per-token mean, in a few packed rows instead of many padded batches of two.
+    before = {p.name for p in trained.glob("version_*")}
+    main(["validate", *STACK, *QUIET, "--model.adapter", "latest", "--samples.enabled", "false",
+          "--data.packing", "true", "--data.max_tokens_per_batch", "1024"])  # fmt: skip
+    [run] = [p for p in trained.glob("version_*") if p.name not in before]
+    fit_loss = _events(trained / "version_0").Scalars("loss/val")[-1].value
+    assert _events(run).Scalars("loss/val")[-1].value == pytest.approx(fit_loss, rel=1e-3)
+
+
 def test_predict_through_the_fast_loop_with_refill_answers_as_the_plain_path(trained, caplog):
     # Greedy, so both paths must give the same tokens; 3 prompts a batch into 2 slots: refill.
     caplog.set_level(logging.INFO)

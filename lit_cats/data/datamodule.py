@@ -347,9 +347,12 @@ class CatsDataModule(L.LightningDataModule):
     def _loader(self, ds: datasets.Dataset, train: bool) -> DataLoader:
         hp = self.hparams
         ds = ds.with_format(columns=["input_ids", "labels"])
-        if train and hp.packing:
-            return self._packed_loader(ds)
         ranks = data_parallel_size(self.trainer)
+        # Validation is packed too on one process (a padded batch of 2 is host-bound: ~6x the
+        # time); under data parallelism it keeps the padded loader, which gives each example
+        # to exactly one rank (the token-budget batches are cut to an equal count per rank).
+        if hp.packing and (train or ranks == 1):
+            return self._packed_loader(ds, train)
         sampler: Sampler[int] | None
         if train:
             lengths = [len(x) for x in ds["input_ids"]]
@@ -371,11 +374,12 @@ class CatsDataModule(L.LightningDataModule):
             trainer=self.trainer if train else None,  # step token counts when accumulating
         )
 
-    def _packed_loader(self, ds: datasets.Dataset) -> DataLoader:
-        """Token-budget batches packed into one padding-free row (``lit_cats.fast.attention``)."""
+    def _packed_loader(self, ds: datasets.Dataset, train: bool = True) -> DataLoader:
+        """Token-budget batches packed into one padding-free row (``lit_cats.fast.attention``);
+        for validation (``train=False``, one process) in the dataset's order, every example."""
         hp, trainer = self.hparams, self.trainer
         ranks = data_parallel_size(trainer)
-        if ranks > 1 and uses_distributed_sampler(trainer):
+        if train and ranks > 1 and uses_distributed_sampler(trainer):
             raise InvalidSetting(
                 "data.packing shards its token-budget batches by rank itself; set "
                 "--trainer.use_distributed_sampler false so Lightning does not replace it."
@@ -384,6 +388,7 @@ class CatsDataModule(L.LightningDataModule):
             [len(x) for x in ds["input_ids"]],
             hp.max_tokens_per_batch,
             seed=hp.seed,
+            shuffle=train,
             num_replicas=ranks,
             rank=trainer.global_rank if ranks > 1 else 0,
         )
@@ -393,7 +398,7 @@ class CatsDataModule(L.LightningDataModule):
             collate_fn=pack_examples,
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
-            trainer=trainer,  # step token counts when accumulating
+            trainer=trainer if train else None,  # step token counts when accumulating
         )
 
     def collate(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

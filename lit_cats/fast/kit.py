@@ -108,9 +108,11 @@ class SpeedKit:
         self._use_attention(model, wanted)
 
     @contextlib.contextmanager
-    def evaluating(self, model: nn.Module) -> Iterator[None]:
-        """Around validation and generation: the configured attention, eager layers."""
-        self._use_attention(model, self._configured)
+    def evaluating(self, model: nn.Module, batch: dict[str, Any] | None = None) -> Iterator[None]:
+        """Around validation and generation: eager layers, and the configured attention (the
+        varlen one for a packed validation ``batch``)."""
+        packed = batch is not None and is_packed(batch)
+        self._use_attention(model, register_varlen_attention() if packed else self._configured)
         with eager_layers():
             yield
 
