@@ -137,8 +137,9 @@ class CatsDataModule(L.LightningDataModule):
         packing: Train on padding-free packed rows: each step takes whole examples
             up to ``max_tokens_per_batch`` tokens instead of ``batch_size`` examples;
             position ids restart per example and attention stays inside each example.
-            Validation batches stay padded.
-        max_tokens_per_batch: Token budget of one packed training step (with ``packing``).
+            Validation is packed alike, in the dataset's order, on one process; under data
+            parallelism its batches stay padded (each example on exactly one rank).
+        max_tokens_per_batch: Token budget of one packed step (with ``packing``).
         pin_memory: Page-lock batches so the copy to the GPU does not stall the host.
         prompts: Prompts ``predict`` answers: user messages or chats (``lit_cats.data.prompts``).
         prompts_file: More prompts: a ``.txt`` file (one per line) or a ``.jsonl`` file of
