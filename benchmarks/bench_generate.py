@@ -226,6 +226,7 @@ def time_fast_arm(
         "first_run_s": first_run,
         "peak_gib": _peak_gib(device),
         "step_ms": _graph_step_ms(engine),
+        "path": engine.describe + (f"; {engine.choice}" if engine.choice else ""),
     }
     print(
         f"  {name}: {made} tokens in {seconds:.2f} s ({made / seconds:,.1f} tok/s); TTFT "
@@ -264,6 +265,62 @@ def guarded(rows: list[dict[str, Any]], name: str, *args: Any) -> None:
 def many_prompts(prompts: list[str], count: int) -> list[str]:
     """``count`` prompts: the eight, numbered, round and round (an evaluation set)."""
     return [f"{prompts[i % len(prompts)]} (#{i})" for i in range(count)]
+
+
+def run_first_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--first-run``: what a user's first ``predict`` costs on a machine that has compiled
+    nothing (run it first on a fresh machine, with empty ``TORCHINDUCTOR_CACHE_DIR`` and
+    ``TRITON_CACHE_DIR``), against today's path, merged bf16 first, then the 4-bit base with
+    the fused LoRA: ``auto`` on the cold cache, ``compile`` forced (a cold compile: the auto arm
+    compiled nothing unless it chose to), ``auto`` again from the warm cache (as a new process),
+    the evaluation set. Each fast arm's path and ``auto``'s reason are listed under the table.
+    """
+    from transformers import AutoTokenizer
+
+    from lit_cats.fast.lora import enable_fast_lora
+
+    device = "cpu" if args.tiny else "cuda"  # --tiny: a CPU smoke test of the arms
+    auto = "compile" if args.tiny else "auto"  # on the CPU, auto would take the plain path
+    prompts, tokens = original_prompts(), args.max_new_tokens
+    many = many_prompts(prompts, args.many)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="lit-cats-bench-") as tmp:
+        base_dir, adapter_dir = build_models(Path(tmp), device, args.tiny)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        report = merge_adapter(
+            str(adapter_dir), str(Path(tmp) / "merged"), str(base_dir), device=device
+        )
+        model = load_for_inference(str(report.output_dir), load_in_4bit=False, device=device)
+        rows.append(
+            time_arm("merged_bf16", lit_cats_batched, model, tokenizer, prompts, tokens, device)
+        )
+        for name, arm_prompts, mode in [
+            ("auto_merged_bf16_cold_cache", prompts, auto),
+            ("compile_merged_bf16_cold_cache", prompts, "compile"),
+            ("auto_merged_bf16_warm_cache", prompts, auto),
+            (f"auto_merged_bf16_x{args.many}_warm_cache", many, auto),
+        ]:
+            guarded(rows, name, model, tokenizer, arm_prompts, tokens, device, mode)
+        del model
+        _free()
+        model = load_for_inference(str(base_dir), str(adapter_dir), device=device)
+        enable_fast_lora(model)
+        rows.append(
+            time_arm(
+                "batched_4bit_fast_lora",
+                lit_cats_batched,
+                model,
+                tokenizer,
+                prompts,
+                tokens,
+                device,
+            )
+        )
+        guarded(rows, "auto_4bit_fast_lora_warm_cache", model, tokenizer, prompts, tokens,
+                device, auto)  # fmt: skip
+        del model
+        _free()
+    return rows
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -351,7 +408,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     (warm-up + compilation + capture, first run), first run s (end to end, compile
     included), one graphed step's GPU time alone; every arm its peak GPU memory.
     """
-    base = rows[0]["tokens"] / rows[0]["seconds"]
+    original = [r for r in rows if r["arm"] == "original" and "failed" not in r]
+    base = original[0]["tokens"] / original[0]["seconds"] if original else None
     lines = [
         "| arm | prompts | tokens | seconds | generated tok/s | x original (same run) | TTFT ms "
         "| decode tok/s | compile s | first run s | graph step ms | peak GiB |",
@@ -369,12 +427,14 @@ def table(rows: list[dict[str, Any]]) -> str:
         ttft = r.get("ttft")
         lines.append(
             f"| {r['arm']} | {r['prompts']} | {r['tokens']} | {r['seconds']:.2f} | "
-            f"{rate:,.1f} | {rate / base:.1f}x | {num(ttft and ttft * 1e3, '.1f')} | "
+            f"{rate:,.1f} | {'-' if base is None else f'{rate / base:.1f}x'} | "
+            f"{num(ttft and ttft * 1e3, '.1f')} | "
             f"{num(r.get('decode_tok_s'), ',.0f')} | {num(r.get('compile_s'), '.1f')} | "
             f"{num(r.get('first_run_s'), '.2f')} | {num(r.get('step_ms'), '.2f')} | "
             f"{num(r.get('peak_gib'), '.1f')} |"
         )
-    return "\n".join(lines)
+    paths = [f"- {r['arm']}: {r['path']}" for r in rows if r.get("path")]
+    return "\n".join(lines + (["", *paths] if paths else []))
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -387,13 +447,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--compile", action="store_true", help="also time the fast loop with torch.compile"
     )
+    parser.add_argument(
+        "--first-run",
+        action="store_true",
+        help="only the first-run arms (merged, then 4-bit), for a never-compiled machine",
+    )
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     parser.add_argument("--note", default="", help="free text for the record")
     args = parser.parse_args(argv)
     args.max_new_tokens = args.max_new_tokens or (8 if args.tiny else 250)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU; use --tiny for the CPU smoke test")
-    rows = run_all(args)
+    rows = run_first_runs(args) if args.first_run else run_all(args)
     body = table(rows)
     print(body)
     note = (

@@ -244,6 +244,48 @@ def test_compiled_4bit_step_equals_generate_through_bitsandbytes_dequantization(
     decode.release(model)
 
 
+def _phi3_mini_shaped():
+    """Phi-3-mini's shapes (3.8B) on the meta device: no memory, weights never read."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+    )
+    with torch.device("meta"):
+        return Phi3ForCausalLM(config)
+
+
+def test_auto_compiles_the_step_only_when_the_planned_steps_repay_the_compile():
+    """decode: auto on an H200 (its calibration row): eight answers of 250 tokens save ~0.6 s
+    compiled, less than a cold compile (~7 s) and more than one from a warm cache; a long run
+    repays even the cold compile."""
+    phi3_mini = _phi3_mini_shaped()
+    h200 = "NVIDIA H200"
+    pays, why = decode.choose_compile(phi3_mini, 250, h200, warm=False)
+    assert not pays
+    assert why == ("not compiled: 250 steps x 2.5 ms saved = 0.64 s <= 7.1 s of compiling "
+                   "(cold Inductor cache)")  # fmt: skip
+    pays, why = decode.choose_compile(phi3_mini, 250, h200, warm=True)
+    assert pays and why.endswith("> 0.4 s of compiling (warm Inductor cache)"), why
+    pays, why = decode.choose_compile(phi3_mini, 4000, h200, warm=False)
+    assert pays and why.startswith("compiled: 4,000 steps x 2.5 ms saved = 10 s > 7.1 s"), why
+
+
+def test_auto_scales_the_saving_to_the_model_and_compiles_where_nothing_was_measured(merged):
+    """The tiny model's steps save next to nothing (its weights are a few MB): never worth a
+    compile. A GPU without decode figures (the H100 has training figures only) compiles, as
+    before these figures existed, and says why."""
+    pays, why = decode.choose_compile(merged, 100_000, "NVIDIA H200", warm=True)
+    assert not pays and why.startswith("not compiled: 100,000 steps x "), why
+    pays, why = decode.choose_compile(_phi3_mini_shaped(), 250, "NVIDIA H100 80GB HBM3")
+    assert pays and why == "compiled (no bf16 decode figures for NVIDIA H100 80GB HBM3 to weigh)"
+
+
 def test_settings_refuse_an_unknown_decode_mode():
     with pytest.raises(ValueError, match="decode must be one of"):
         GenerationSettings(decode="turbo")
@@ -261,7 +303,7 @@ def test_gpu_graphed_greedy_equals_generate_and_argmax(tokenizer, tmp_path):
     graphed = generate(model, tokenizer, PROMPTS, decode="fast", **GREEDY)
     assert decode.decoder_of(model).graph is not None, decode.decoder_of(model).graph_failed
     assert _answers(graphed) == _answers(plain)
-    fast = generate(model, tokenizer, PROMPTS, **GREEDY)  # auto: the compiled step, graphed
+    fast = generate(model, tokenizer, PROMPTS, decode="compile", **GREEDY)
     engine = decode.decoder_of(model)
     assert engine.compiled and engine.graph is not None, engine.graph_failed
     assert _answers(fast) == _answers(plain)
@@ -278,7 +320,11 @@ def test_gpu_graphed_greedy_equals_generate_and_argmax(tokenizer, tmp_path):
     results = generate(quantized, tokenizer, PROMPTS, max_new_tokens=12, min_new_tokens=12)
     assert [r.num_tokens for r in results] == [12] * len(PROMPTS)
     engine = decode.decoder_of(quantized)
-    assert engine.graph is not None and engine.compiled, engine.graph_failed  # auto compiles
+    # auto: graphed; compiled only where choose_compile says 12 steps repay it (not on the cards
+    # with decode figures, for the tiny model's few MB of weights)
+    pays, why = decode.choose_compile(quantized, 12, torch.cuda.get_device_name())
+    assert engine.graph is not None and engine.compiled == pays, engine.graph_failed
+    assert engine.choice == why
 
 
 @pytest.mark.gpu

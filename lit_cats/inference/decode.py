@@ -18,7 +18,9 @@ LoRA, or plain bf16 linears alike) in a loop of its own:
   and bookkeeping (next token, tokens made, finished flags), is captured once per (slots,
   max_length, sampling settings) and replayed; the host draws the sampling noise and launches
   the graph, and looks at the tokens every 8 steps (every step when streaming);
-- **compiled step** (``decode="auto"`` on CUDA outside autocast, or ``"compile"``): one
+- **compiled step** (``"compile"``, or ``"auto"`` on CUDA outside autocast when it pays:
+  :func:`choose_compile` weighs the planned steps' saving against the compile time measured on
+  this GPU, cold or from a warm cache; streams, chat and serve, always compile): one
   decoder layer's step goes through ``torch.compile`` once and serves all layers (their
   weights are graph inputs), then is captured as above. A 4-bit base's matmuls are
   bitsandbytes' dequantization (one kernel on CUDA, bit-identical) and cuBLAS, as opaque ops
@@ -170,7 +172,7 @@ def stream_batch(
         return
     texts = [_IncrementalText(tokenizer) for _ in prompts]
     slots = batch_size or s.batch_size or len(prompts)
-    engine = _engine_saying(model, s, slots, encoded)
+    engine = _engine_saying(model, s, slots, encoded, stream=True)
     was_training = model.training
     model.eval()
     try:
@@ -275,7 +277,11 @@ _ENGINE_ATTRIBUTE = "_lit_cats_decoder"
 
 
 def _engine(
-    model: nn.Module, s: GenerationSettings, slots: int, encoded: list[list[int]]
+    model: nn.Module,
+    s: GenerationSettings,
+    slots: int,
+    encoded: list[list[int]],
+    stream: bool = False,
 ) -> Engine:
     slots = max(1, min(slots, len(encoded)))
     longest = max(len(ids) for ids in encoded) + s.max_new_tokens
@@ -285,26 +291,80 @@ def _engine(
         length = min(length, max(context, longest))
     device = model_device(model)
     graphs = device.type == "cuda"  # under autocast too (training's samples): captured uncached
-    # auto compiles the graphed step, of 16-bit and 4-bit models alike (both faster compiled:
-    # benchmarks/RESULTS.md). Not under autocast: training's samples are a few short batches,
-    # where compiling would not pay.
-    autocast = torch.is_autocast_enabled(device.type)
-    compiled = s.decode == "compile" or (s.decode == "auto" and graphs and not autocast)
+    compiled, why = s.decode == "compile", ""
+    if s.decode == "auto" and graphs:
+        if torch.is_autocast_enabled(device.type):
+            # Training's samples: a few short batches per run, where compiling does not pay.
+            why = "not compiled under autocast (training's samples)"
+        elif stream:
+            # chat and serve decode for the whole session: compiling pays over its requests.
+            compiled, why = True, "compiled for a streaming session"
+        else:
+            steps = math.ceil(len(encoded) / slots) * s.max_new_tokens
+            compiled, why = choose_compile(model, steps, torch.cuda.get_device_name(device))
     engine = decoder_of(model)
-    if engine is not None and engine.fits(model, slots, length, compiled, graphs):
-        return engine
-    release(model)  # free the old cache before allocating the new one
-    engine = Engine(model, slots, length, compiled, graphs)
-    model.__dict__[_ENGINE_ATTRIBUTE] = engine  # not nn.Module's setattr: no submodule
+    if engine is None or not engine.fits(model, slots, length, compiled, graphs):
+        release(model)  # free the old cache before allocating the new one
+        engine = Engine(model, slots, length, compiled, graphs)
+        model.__dict__[_ENGINE_ATTRIBUTE] = engine  # not nn.Module's setattr: no submodule
+    engine.choice = why
     return engine
 
 
+def choose_compile(
+    model: nn.Module, steps: int, device_name: str, warm: bool | None = None
+) -> tuple[bool, str]:
+    """``decode: auto``'s rule: compile the step when the run's steps save more than compiling
+    costs, from the decode figures measured on this GPU (``lit_cats/plan/calibration.yaml``),
+    as ``model.speed.compile: auto`` does for training.
+
+    A short run on a machine whose Inductor cache is cold (8 answers of 250 tokens: ~0.6 s
+    saved for ~7 s of compiling on an H200) runs the graphed step instead; with a warm cache, or
+    for an evaluation set, the step is compiled. A GPU without decode figures compiles.
+
+    Args:
+        model: The model to decode with (its size scales the measured step times).
+        steps: Planned decode steps (at most: every answer at ``max_new_tokens``).
+        device_name: ``torch.cuda.get_device_name()``.
+        warm: Whether Inductor's cache is warm; ``None``: look.
+
+    Returns:
+        Whether to compile, and why, in a few words.
+    """
+    from lit_cats.fast.compile import inductor_cache_is_warm
+    from lit_cats.plan import calibration
+    from lit_cats.plan.memory import Architecture
+
+    lm = causal_lm(model)
+    weights = "nf4" if any(type(m).__name__ == "Linear4bit" for m in lm.modules()) else "bf16"
+    figures = calibration.decode_figures(calibration.gpu_kind(device_name), weights)
+    if figures is None:
+        return True, f"compiled (no {weights} decode figures for {device_name} to weigh)"
+    reference = calibration.load_table()["reference_model"]["linear_params"]
+    scale = Architecture.from_config(lm.config.to_dict()).linear_params() / reference
+    saved_ms = (figures.graphed_ms - figures.compiled_ms) * scale
+    warm = inductor_cache_is_warm() if warm is None else warm
+    cost = figures.compile_warm_s if warm else figures.compile_cold_s
+    saving = steps * saved_ms / 1000
+    pays = saving > cost
+    return pays, (
+        f"{'compiled' if pays else 'not compiled'}: {steps:,} steps x {saved_ms:.2g} ms saved = "
+        f"{saving:.2g} s {'>' if pays else '<='} {cost:.2g} s of compiling "
+        f"({'warm' if warm else 'cold'} Inductor cache)"
+    )
+
+
 def _engine_saying(
-    model: nn.Module, s: GenerationSettings, slots: int, encoded: list[list[int]]
+    model: nn.Module,
+    s: GenerationSettings,
+    slots: int,
+    encoded: list[list[int]],
+    stream: bool = False,
 ) -> Engine:
-    """:func:`_engine`, and the path it is, said once per model and path."""
-    engine = _engine(model, s, slots, encoded)
-    say_path(model, engine.describe)
+    """:func:`_engine`, and the path it is (and why compiled or not), said once per model and
+    path."""
+    engine = _engine(model, s, slots, encoded, stream)
+    say_path(model, engine.describe + (f"; {engine.choice}" if engine.choice else ""))
     return engine
 
 

@@ -85,11 +85,11 @@ class Engine:
         self.graph_failed: str | None = None
         self.compile_seconds = 0.0  # warm-up, compilation and capture of the step
         self.last_ttft = 0.0  # seconds from a run's start to its first tokens on the host
-        mode = (
-            "compiled + CUDA graph"
-            if compiled and self.use_graph
-            else ("CUDA graph" if self.use_graph else "eager, no graph")
-        )
+        mode = {(True, True): "compiled + CUDA graph", (False, True): "CUDA graph",
+                (True, False): "compiled, no graph", (False, False): "eager, no graph"}[
+            (compiled, graphs)
+        ]  # fmt: skip
+        self.choice = ""  # why decode="auto" compiled the step or not (said with describe)
         self.describe = f"fast decode ({mode}; static KV cache {slots} slots x {length} positions)"
 
     def fits(self, model: nn.Module, slots: int, length: int, compiled: bool, graphs: bool) -> bool:

@@ -39,11 +39,11 @@ class GenerationSettings:
         system_prompt: A system message put before every prompt (chat mode only).
         raw: Feed prompts as plain text without the chat template (base-model-style data).
         decode: Which decode loop: ``"auto"`` (on CUDA for supported models lit-cats' fast
-            loop, static KV cache and a CUDA graph per step, its step compiled for 16-bit
-            models; else transformers' ``generate``), ``"fast"`` (the fast loop without
-            compilation, on any device; the CPU runs it without graphs), ``"compile"`` (the
-            fast loop, step compiled) or ``"plain"`` (transformers' ``generate``). See
-            :mod:`lit_cats.inference.decode`.
+            loop, static KV cache and a CUDA graph per step, its step compiled when the run
+            is long enough to repay the compilation; else transformers' ``generate``),
+            ``"fast"`` (the fast loop without compilation, on any device; the CPU runs it
+            without graphs), ``"compile"`` (the fast loop, step compiled) or ``"plain"``
+            (transformers' ``generate``). See :mod:`lit_cats.inference.decode`.
         batch_size: Answers decoded at once; more prompts than this are fed in as answers
             finish (continuous refill). ``None``: the caller's batch (``predict``'s batch).
         progress: Print a progress line (prompts, tokens/s) every few seconds.

@@ -133,3 +133,36 @@ def compile_seconds(
     cold = figures["cold"]
     note = " (warm cache: no warm figure measured, the cold one is used)" if warm else ""
     return StepTime(cold[step], cold["source"] + note)
+
+
+@dataclass(frozen=True)
+class DecodeFigures:
+    """Measured decode costs on one GPU kind, for one weight format (``decode: auto``).
+
+    Args:
+        graphed_ms: One batch-8 step of the reference model, graphed with eager kernels.
+        compiled_ms: The same step compiled (and graphed).
+        compile_cold_s: Seconds compiling adds to a first run on a machine that compiled nothing.
+        compile_warm_s: The same from Inductor's on-disk caches (an earlier run's).
+        source: The measurements (``benchmarks/RESULTS.md``).
+    """
+
+    graphed_ms: float
+    compiled_ms: float
+    compile_cold_s: float
+    compile_warm_s: float
+    source: str
+
+
+def decode_figures(
+    kind: str | None, weights: str, table: dict[str, Any] | None = None
+) -> DecodeFigures | None:
+    """Decode step times and compile seconds on GPU ``kind`` for ``weights`` (``"bf16"``, a
+    16-bit model, or ``"nf4"``, a 4-bit base), or None where never measured there. Not
+    inherited from a card it is ``like``: decode steps are paced by memory bandwidth, which
+    cards of the same compute do not share (H100 3.35 TB/s, H200 4.8 TB/s)."""
+    if kind is None:
+        return None
+    table = table or load_table()
+    row = table["gpus"][kind].get("decode", {}).get(weights)
+    return None if row is None else DecodeFigures(**row)
