@@ -170,16 +170,96 @@ def write_rows(model_dir: Path, folder: Path, count: int, low: int, high: int) -
             "min": min(lengths), "max": max(lengths)}  # fmt: skip
 
 
+# ------------------------------------------------------------------- a plain install's packages
+def dependency_closure(requirements: list[str]) -> set[str]:
+    """Normalized names of the installed distributions that ``requirements`` pull in, with
+    their own requirements (markers and extras evaluated): what ``pip install`` of a package
+    with these dependencies installs, among what this interpreter has."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [(Requirement(r), ("",)) for r in requirements]
+    while todo:
+        req, extras = todo.pop()
+        if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in extras):
+            continue
+        name = canonicalize_name(req.name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # not installed here (an optional or lazily imported dependency)
+        key = (name, *sorted(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        own = ("", *sorted(req.extras))
+        todo += [(Requirement(r), own) for r in dist.requires or []]
+    return {key[0] for key in seen}
+
+
+def plain_environment(folder: Path) -> Path:
+    """A virtual environment that sees only lit-cats' dependency closure among this
+    interpreter's packages (symlinks into its site-packages): the packages ``pip install
+    lit-cats`` would give, without what else this machine's image holds (on the GPU image:
+    torchvision, scipy, matplotlib, which torchmetrics imports at start when it finds them).
+    Returns its interpreter. Packages on ``PYTHONPATH`` (the wheels carried to the GPU host)
+    stay visible, as the arms pass it on."""
+    import site
+    from importlib import metadata
+
+    import tomllib
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    keep = dependency_closure(project["dependencies"])
+    # Every site directory this interpreter reads (a venv's, and its base's where the venv sees
+    # them), not the PYTHONPATH folders, which the arms keep.
+    extra = {Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    found = [*site.getsitepackages(), *(p for p in sys.path if p.endswith("-packages"))]
+    sites = list(dict.fromkeys(Path(p).resolve() for p in found if Path(p).is_dir()))
+    sites = [d for d in sites if d not in extra]
+    owned: dict[Path, dict[str, bool]] = {d: {} for d in sites}  # entry -> kept by some dist
+    for dist in metadata.distributions():
+        root = Path(dist.locate_file("")).resolve()
+        if root not in owned or not dist.files:
+            continue
+        kept = canonicalize_name(dist.metadata["Name"]) in keep
+        for entry in {f.parts[0] for f in dist.files if f.parts and f.parts[0] != ".."}:
+            owned[root][entry] = owned[root].get(entry, False) or kept
+    venv = folder / "plain-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    target = next((venv / "lib").glob("python*/site-packages"))
+    hidden: list[str] = []
+    for root in sites:
+        for entry in sorted(root.iterdir()):
+            if entry.name in owned[root] and not owned[root][entry.name]:
+                hidden.append(entry.name)
+            elif not (target / entry.name).exists():
+                (target / entry.name).symlink_to(entry)
+    (folder / "plain-venv-hidden.txt").write_text("\n".join(sorted(set(hidden))) + "\n")
+    return venv / "bin" / "python"
+
+
 # ------------------------------------------------------------------------------- the arms
 def lit_cats_arm(
-    arm: str, model_dir: Path, rows: Path, work: Path, cache: Path, epochs: int, tiny: bool
+    arm: str,
+    model_dir: Path,
+    rows: Path,
+    work: Path,
+    cache: Path,
+    epochs: int,
+    tiny: bool,
+    python: str = sys.executable,
 ) -> dict[str, Any]:
     """One ``lit-cats fit`` in a fresh process: its wall clock and phases."""
     report = work / f"{arm}.json"
     timer = {"class_path": "bench_seed_job.PhaseTimer", "init_args": {"path": str(report)}}
     compile_value = "auto" if arm == "auto" else "true"
     cmd = [
-        sys.executable, "-m", "lit_cats.cli", "fit",
+        python, "-m", "lit_cats.cli", "fit",
         "--config", str(REPO / "configs" / "qlora.yaml"),
         "--config", str(REPO / "configs" / "fast.yaml"),
         "--model.model_name_or_path", str(model_dir),
@@ -343,6 +423,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=Path("bench_seed_job.md"), help="table file")
     parser.add_argument("--results", type=Path, help="also append the table to this RESULTS.md")
     parser.add_argument("--commit", help="commit to record (where the tree has no .git)")
+    parser.add_argument(
+        "--plain-env",
+        action="store_true",
+        help="run the lit-cats arms in a venv holding only lit-cats' dependency closure "
+        "(as `pip install lit-cats`), not every package of this machine's image",
+    )
     parser.add_argument("--trl-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trl_worker:
@@ -356,16 +442,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     model_dir = bench_train.build_random_phi3(args.model_dir, device, args.tiny)
     job = {**write_rows(model_dir, work, count, 50, 250), "epochs": epochs}
     cache = work / "inductor-cache"  # empty: the first compiling arm is cold
+    python = str(plain_environment(work)) if args.plain_env else sys.executable
     results = []
     for arm in args.arms.split(","):
         if arm == "trl":
             steps = 4 if args.tiny else args.trl_steps
             row = trl_arm(model_dir, Path(job["path"]), work, epochs, steps)
         else:
-            row = lit_cats_arm(arm, model_dir, Path(job["path"]), work, cache, epochs, args.tiny)
+            row = lit_cats_arm(
+                arm, model_dir, Path(job["path"]), work, cache, epochs, args.tiny, python
+            )
+            if args.plain_env:
+                row["arm"] += " (plain install)"
         results.append(row)
         print(json.dumps(row), flush=True)
     body = table(results, job)
+    if args.plain_env:
+        hidden = (work / "plain-venv-hidden.txt").read_text().split()
+        body += (
+            "\n\n(plain install): lit-cats' dependency closure only; not visible to those arms: "
+            + ", ".join(hidden)
+        )
     print(body)
     args.out.write_text(body + "\n")
     if args.results:

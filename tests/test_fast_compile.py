@@ -274,7 +274,9 @@ def test_fit_resolves_compile_auto_from_its_plan(run_dir, compile_counters, capl
 
     from lit_cats.cli import main
 
-    fast = ("--config", str(CONFIGS / "fast.yaml"), "--data.packing", "false")
+    # Checkpointing on: the H100's small steps are measured with it.
+    fast = ("--config", str(CONFIGS / "fast.yaml"), "--data.packing", "false",
+            "--model.speed.gradient_checkpointing", "true")  # fmt: skip
     plan = ("--plan.gpu", "H100", "--plan.device_memory_gb", "80")
     graphs, _ = compile_counters()
     with caplog.at_level(logging.INFO):

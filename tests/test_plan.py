@@ -230,3 +230,73 @@ def test_compile_auto_weighs_the_warm_or_the_cold_compile_time(
           "--plan.gpu", "NVIDIA H200", "--plan.device_memory_gb", "140"])  # fmt: skip
     out = capsys.readouterr().out
     assert "compile: auto -> eager" in out and f" {compile_s} of compilation" in out
+
+
+# ------------------------------------------------------------- gradient_checkpointing: auto
+@pytest.fixture
+def built_checkpointing(monkeypatch) -> list[object]:
+    """The gradient_checkpointing setting each model is built with (SpeedKit.build, spied)."""
+    from lit_cats.fast.kit import SpeedKit
+
+    seen, real = [], SpeedKit.build
+    monkeypatch.setattr(
+        SpeedKit,
+        "build",
+        lambda self, *a, **kw: (
+            seen.append(self.settings.gradient_checkpointing) or real(self, *a, **kw)
+        ),
+    )
+    return seen
+
+
+def _fast_fit(*extra: str) -> list[str]:
+    return tiny_fit_args("--config", str(CONFIGS / "fast.yaml"),
+                         "--data.max_tokens_per_batch", "2048", "--trainer.max_steps", "1",
+                         "--samples.enabled", "false", *extra)  # fmt: skip
+
+
+def _peaks() -> tuple[float, float]:
+    """The planned peaks (GiB) of _fast_fit's run with checkpointing on and off."""
+    from lit_cats.plan.memory import TrainingShape
+
+    arch = Architecture.from_config(read_model_config(TINY_MODEL_ID))
+    shape = TrainingShape(tokens=2048, **FAST)
+    on = estimate(arch, shape).peak / GIB
+    off = estimate(arch, TrainingShape(tokens=2048, gradient_checkpointing=False, **FAST)).peak
+    return on, off / GIB
+
+
+def test_fit_builds_without_checkpointing_when_the_plan_says_it_fits(
+    run_dir, caplog, built_checkpointing
+):
+    with caplog.at_level(logging.INFO):
+        main(_fast_fit("--plan.device_memory_gb", "140"))
+    lines = [r.getMessage() for r in caplog.records if "lit-cats plan:" in r.getMessage()]
+    assert "  gradient_checkpointing: auto -> off: the predicted peak without it, " in lines[0]
+    assert "fits the 126.00 GiB usable" in lines[0]
+    assert "activations kept" in lines[0] and "not checkpointed" in lines[0]
+    assert built_checkpointing == [False]
+    assert (run_dir / "logs/tiny-cats/version_0/adapter/adapter_model.safetensors").is_file()
+
+
+def test_fit_keeps_checkpointing_where_the_run_would_not_fit_without_it(
+    run_dir, caplog, built_checkpointing
+):
+    on, off = _peaks()
+    assert off > 1.2 * on  # the tiny run's kept activations outweigh the rest
+    between = (on + off) / 2 / 0.9  # a GPU on which only the checkpointed run fits
+    with caplog.at_level(logging.INFO):
+        main(_fast_fit("--plan.device_memory_gb", f"{between:.4f}"))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "gradient_checkpointing: auto -> on: the predicted peak without it, " in text
+    assert "exceeds the" in text and "does NOT fit" not in text
+    assert built_checkpointing == [True]
+
+
+def test_unplanned_auto_checkpoints(run_dir, caplog, built_checkpointing):
+    """On the CPU without --plan.device_memory_gb nothing is planned: checkpointing stays on."""
+    with caplog.at_level(logging.INFO):
+        main(_fast_fit())
+    assert built_checkpointing == [True]
+    assert any("gradient_checkpointing: auto -> on: no GPU memory to plan against"
+               in r.getMessage() for r in caplog.records)  # fmt: skip

@@ -55,19 +55,21 @@ class SpeedKit:
         last, so the compiled layers trace the LoRA forward chosen before.
         """
         s = self.settings
+        # "auto" is resolved by the planner before the model is built; unplanned, it is on.
+        checkpointing = s.gradient_checkpointing is not False
         self._configured = base.config._attn_implementation  # packed steps switch away from it
         if s.liger_kernels:
             apply_liger_kernels(base)
         if s.upcast_to_fp32 and self.load_in_4bit:
             base = prepare_model_for_kbit_training(
                 base,
-                use_gradient_checkpointing=s.gradient_checkpointing,
+                use_gradient_checkpointing=checkpointing,
                 gradient_checkpointing_kwargs=_CHECKPOINTING,
             )
         else:
             if s.upcast_to_fp32:
                 upcast_outside_linear_layers(base)
-            if s.gradient_checkpointing:
+            if checkpointing:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_CHECKPOINTING)
                 base.enable_input_require_grads()
         if s.uncheckpointed_layers:

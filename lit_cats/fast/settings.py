@@ -20,7 +20,9 @@ class SpeedSettings:
 
     Args:
         gradient_checkpointing: Recompute activations in the backward (non-reentrant) instead of
-            keeping them: far less memory for about a third more compute.
+            keeping them: far less memory for about a third more compute. ``"auto"``: off when
+            the plan predicts the run fits the GPU without it, else on (``lit-cats plan`` says
+            which and why; resolved before the model is built; on where nothing is planned).
         uncheckpointed_layers: With checkpointing, the last this many decoder layers keep their
             activations instead of running twice: spare memory spent on speed.
         upcast_to_fp32: Keep fp32 copies of the norms, embeddings and output head, as
@@ -46,7 +48,7 @@ class SpeedSettings:
         ValueError: For a value out of range, or a combination that would be a silent no-op.
     """
 
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = True
     uncheckpointed_layers: int = 0
     upcast_to_fp32: bool = True
     loss_chunk_size: int | None = None
@@ -56,6 +58,11 @@ class SpeedSettings:
     keep_dequantized_weights: bool = False
 
     def __post_init__(self) -> None:
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise InvalidSetting(
+                "model.speed.gradient_checkpointing must be true, false or auto, got "
+                f"{self.gradient_checkpointing!r}."
+            )
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise InvalidSetting(
                 f"model.speed.loss_chunk_size must be >= 1 or null, got {self.loss_chunk_size}."
@@ -64,7 +71,7 @@ class SpeedSettings:
             raise InvalidSetting(
                 f"model.speed.uncheckpointed_layers must be >= 0, got {self.uncheckpointed_layers}."
             )
-        if self.uncheckpointed_layers and not self.gradient_checkpointing:
+        if self.uncheckpointed_layers and self.gradient_checkpointing is False:
             raise InvalidSetting(
                 f"model.speed.uncheckpointed_layers is {self.uncheckpointed_layers}, but "
                 "gradient_checkpointing is false, so every layer keeps its activations already: "
@@ -81,7 +88,7 @@ class SpeedSettings:
 
     def _check_keep_dequantized_weights(self) -> None:
         needs = [
-            ("gradient_checkpointing false", not self.gradient_checkpointing,
+            ("gradient_checkpointing false", self.gradient_checkpointing is False,
              "its rerun dequantizes again anyway"),
             ("compile true", self.compile, "it applies to the compiled layers' 4-bit matmuls"),
             ("fast_lora true", self.fast_lora, "the kept weight is used by the fused LoRA op"),

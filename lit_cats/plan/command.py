@@ -85,7 +85,8 @@ def _ranks(trainer: dict[str, Any], on_gpu: bool) -> int:
 def check_before_fit(cli: Any) -> Plan | None:
     """Print the run's plan; refuse (``UsageError``) a run predicted not to fit the GPU.
 
-    Also resolves ``model.speed.compile: auto`` on the model before it is built. On the CPU
+    Also resolves ``model.speed.compile: auto`` and ``gradient_checkpointing: auto`` on the
+    model before it is built. On the CPU
     (and without ``--plan.device_memory_gb``) the check is skipped, said in one line.
 
     Args:
@@ -98,6 +99,7 @@ def check_before_fit(cli: Any) -> Plan | None:
     if not on_gpu and settings.device_memory_gb is None:
         rank_zero_info("lit-cats plan: training on the CPU, so the GPU memory check is skipped.")
         _resolve_auto(speed, False, "no GPU: compiling costs more than it saves here")
+        _resolve_checkpointing(speed, True, "no GPU memory to plan against")
         return None
     name, memory = _device(trainer) if on_gpu else (None, None)
     ranks = trainer.num_devices * trainer.num_nodes
@@ -106,10 +108,13 @@ def check_before_fit(cli: Any) -> Plan | None:
     except UsageError as exc:  # the load itself will say what is wrong, with its own fix
         rank_zero_info(f"lit-cats plan: skipped ({exc})")
         _resolve_auto(speed, False, "no plan to decide from")
+        _resolve_checkpointing(speed, True, "no plan to decide from")
         return None
     rank_zero_info("\n".join(plan.lines()))
     if plan.compile_choice is not None:
         _resolve_auto(speed, *plan.compile_choice, say=False)
+    if plan.checkpointing_choice is not None:
+        _resolve_checkpointing(speed, *plan.checkpointing_choice, say=False)
     if plan.fits is False:
         if not settings.force:
             raise UsageError(refusal(plan))
@@ -124,6 +129,15 @@ def _resolve_auto(speed: Any, chosen: bool, why: str, say: bool = True) -> None:
     speed.compile = chosen
     if say:
         rank_zero_info(f"compile: auto -> {'compiled layers' if chosen else 'eager'}: {why}")
+
+
+def _resolve_checkpointing(speed: Any, chosen: bool, why: str, say: bool = True) -> None:
+    """Replace ``gradient_checkpointing: auto`` on the model's settings with the decision."""
+    if speed is None or speed.gradient_checkpointing != "auto":
+        return
+    speed.gradient_checkpointing = chosen
+    if say:
+        rank_zero_info(f"gradient_checkpointing: auto -> {'on' if chosen else 'off'}: {why}")
 
 
 def _device(trainer: Any) -> tuple[str | None, int | None]:

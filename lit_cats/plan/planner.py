@@ -77,6 +77,7 @@ class Plan:
     device_memory: int | None
     step: calibration.StepTime | None
     compile_choice: tuple[bool, str] | None = None
+    checkpointing_choice: tuple[bool, str] | None = None
     liger_kernels: bool = False
     alternatives: list[tuple[str, int]] = field(default_factory=list)
 
@@ -110,6 +111,9 @@ class Plan:
             "  " + self._steps_line(),
             "  " + self._time_line(),
         ]
+        if self.checkpointing_choice is not None:
+            chosen, why = self.checkpointing_choice
+            out.append(f"  gradient_checkpointing: auto -> {'on' if chosen else 'off'}: {why}")
         if self.compile_choice is not None:
             chosen, why = self.compile_choice
             out.append(f"  compile: auto -> {'compiled layers' if chosen else 'eager'}: {why}")
@@ -193,7 +197,7 @@ def shape_of(model: dict[str, Any], tokens: int) -> TrainingShape:
         lora_dropout=float(model.get("lora_dropout", 0.05)),
         load_in_4bit=bool(model.get("load_in_4bit", True)),
         double_quant=bool(model.get("bnb_4bit_use_double_quant", True)),
-        gradient_checkpointing=bool(speed.get("gradient_checkpointing", True)),
+        gradient_checkpointing=speed.get("gradient_checkpointing", True) is not False,
         uncheckpointed_layers=int(speed.get("uncheckpointed_layers", 0)),
         upcast_to_fp32=bool(speed.get("upcast_to_fp32", True)),
         loss_chunk_size=speed.get("loss_chunk_size"),
@@ -298,12 +302,16 @@ def make_plan(
         step=None,
     )
     speed = model.get("speed") or {}
+    if speed.get("gradient_checkpointing") == "auto":
+        plan.checkpointing_choice = choose_checkpointing(plan)
+        plan.shape = replace(plan.shape, gradient_checkpointing=plan.checkpointing_choice[0])
+        plan.memory = estimate(arch, plan.shape)
     compiled = speed.get("compile") is True
     plan.liger_kernels = bool(speed.get("liger_kernels"))
     if speed.get("compile") == "auto":
         plan.compile_choice = choose_compile(plan, accumulate)
         compiled = plan.compile_choice[0]
-        plan.shape = replace(shape, compiled=compiled)
+        plan.shape = replace(plan.shape, compiled=compiled)
         plan.memory = estimate(arch, plan.shape)
     plan.step = _optimizer_step(plan, compiled, accumulate)
     if plan.fits is False:
@@ -319,6 +327,20 @@ def _optimizer_step(plan: Plan, compiled: bool, accumulate: int) -> calibration.
     if micro is None or accumulate == 1:
         return micro
     return calibration.StepTime(micro.seconds * accumulate, micro.source)
+
+
+def choose_checkpointing(plan: Plan) -> tuple[bool, str]:
+    """``gradient_checkpointing: auto``: off (kept activations, no recompute: the faster step)
+    when the plan predicts the run fits the GPU without it, else on."""
+    if plan.device_memory is None:
+        return True, "no GPU memory to check the run without it against"
+    limit = USABLE_SHARE * plan.device_memory
+    without = estimate(plan.arch, replace(plan.shape, gradient_checkpointing=False)).peak
+    fits = without <= limit
+    return not fits, (
+        f"the predicted peak without it, {size(without)}, "
+        f"{'fits' if fits else 'exceeds'} the {size(limit)} usable"
+    )
 
 
 def choose_compile(plan: Plan, accumulate: int) -> tuple[bool, str]:
