@@ -20,6 +20,8 @@ tokens and chat template), so no download is needed; prompts encode to a similar
     python benchmarks/bench_generate.py                 # GPU; most of the time is the loop
     python benchmarks/bench_generate.py --fast-lora     # also batched 4-bit with fused LoRA
     python benchmarks/bench_generate.py --tiny          # CPU smoke test: tiny model, seconds
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) \
+        python benchmarks/bench_generate.py --first-run # a never-compiled machine's first runs
 """
 
 from __future__ import annotations

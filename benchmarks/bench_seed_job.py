@@ -17,6 +17,7 @@ start to its exit, with its phases recorded from inside (:class:`PhaseTimer`):
     python benchmarks/bench_seed_job.py --out seed_job.md      # GPU: every arm, ~7 min
     python benchmarks/bench_seed_job.py --arms auto,trl
     python benchmarks/bench_seed_job.py --tiny                 # CPU smoke: tiny model, seconds
+    python benchmarks/bench_seed_job.py --plain-env --arms auto  # only lit-cats' dependencies
 
 Targets: <= 60 s with a warm cache, <= 90 s cold, and >= 10x faster than the original.
 """
