@@ -38,6 +38,13 @@ def test_uncheckpointed_layers_without_checkpointing_are_refused():
         SpeedSettings(uncheckpointed_layers=1, gradient_checkpointing=False)
 
 
+def test_uncheckpointed_layers_with_automatic_checkpointing_are_refused():
+    with pytest.raises(ValueError, match="gradient_checkpointing is auto, which may turn it off"):
+        SpeedSettings(uncheckpointed_layers=1, gradient_checkpointing="auto")
+    with pytest.raises(ValueError, match="must be true, false or auto, got 'yes'"):
+        SpeedSettings(gradient_checkpointing="yes")
+
+
 def test_compile_and_liger_are_alternatives():
     with pytest.raises(ValueError, match="compile and model.speed.liger_kernels are alternatives"):
         SpeedSettings(compile=True, liger_kernels=True)

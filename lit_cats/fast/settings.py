@@ -77,6 +77,12 @@ class SpeedSettings:
                 "gradient_checkpointing is false, so every layer keeps its activations already: "
                 "set uncheckpointed_layers to 0, or turn checkpointing on."
             )
+        if self.uncheckpointed_layers and self.gradient_checkpointing == "auto":
+            raise InvalidSetting(
+                f"model.speed.uncheckpointed_layers is {self.uncheckpointed_layers}, which "
+                "needs checkpointing, but gradient_checkpointing is auto, which may turn it off: "
+                "set gradient_checkpointing true, or uncheckpointed_layers 0."
+            )
         if self.compile is True and self.liger_kernels:  # "auto" then chooses eager layers
             raise InvalidSetting(
                 "model.speed.compile and model.speed.liger_kernels are alternatives: compiling "
