@@ -228,7 +228,7 @@ def time_fast_arm(
         "first_run_s": first_run,
         "peak_gib": _peak_gib(device),
         "step_ms": _graph_step_ms(engine),
-        "path": engine.describe + (f"; {engine.choice}" if engine.choice else ""),
+        "path": engine.describe,
     }
     print(
         f"  {name}: {made} tokens in {seconds:.2f} s ({made / seconds:,.1f} tok/s); TTFT "
@@ -269,6 +269,13 @@ def many_prompts(prompts: list[str], count: int) -> list[str]:
     return [f"{prompts[i % len(prompts)]} (#{i})" for i in range(count)]
 
 
+def load_merged(folder: Path, base: str, adapter_dir: Path, device: str) -> Any:
+    """``lit-cats merge`` of the adapter into the base (checked), loaded in 16 bits."""
+    report = merge_adapter(str(adapter_dir), str(folder / "merged"), base, device=device)
+    print(f"  merge check: |loss diff| {report.loss_diff:.2e}", flush=True)
+    return load_for_inference(str(report.output_dir), load_in_4bit=False, device=device)
+
+
 def run_first_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``--first-run``: what a user's first ``predict`` costs on a machine that has compiled
     nothing (run it first on a fresh machine, with empty ``TORCHINDUCTOR_CACHE_DIR`` and
@@ -289,10 +296,7 @@ def run_first_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="lit-cats-bench-") as tmp:
         base_dir, adapter_dir = build_models(Path(tmp), device, args.tiny)
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        report = merge_adapter(
-            str(adapter_dir), str(Path(tmp) / "merged"), str(base_dir), device=device
-        )
-        model = load_for_inference(str(report.output_dir), load_in_4bit=False, device=device)
+        model = load_merged(Path(tmp), str(base_dir), adapter_dir, device)
         rows.append(
             time_arm("merged_bf16", lit_cats_batched, model, tokenizer, prompts, tokens, device)
         )
@@ -307,19 +311,9 @@ def run_first_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         _free()
         model = load_for_inference(str(base_dir), str(adapter_dir), device=device)
         enable_fast_lora(model)
-        rows.append(
-            time_arm(
-                "batched_4bit_fast_lora",
-                lit_cats_batched,
-                model,
-                tokenizer,
-                prompts,
-                tokens,
-                device,
-            )
-        )
-        guarded(rows, "auto_4bit_fast_lora_warm_cache", model, tokenizer, prompts, tokens,
-                device, auto)  # fmt: skip
+        arm = (model, tokenizer, prompts, tokens, device)
+        rows.append(time_arm("batched_4bit_fast_lora", lit_cats_batched, *arm))
+        guarded(rows, "auto_4bit_fast_lora_warm_cache", *arm, auto)
         del model
         _free()
     return rows
@@ -378,9 +372,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         del model
         _free()
 
-        report = merge_adapter(str(adapter_dir), str(Path(tmp) / "merged"), base, device=device)
-        print(f"  merge check: |loss diff| {report.loss_diff:.2e}", flush=True)
-        model = load_for_inference(str(report.output_dir), load_in_4bit=False, device=device)
+        model = load_merged(Path(tmp), base, adapter_dir, device)
         rows.append(
             time_arm("merged_bf16", lit_cats_batched, model, tokenizer, prompts, tokens, device)
         )

@@ -181,7 +181,7 @@ def dependency_closure(requirements: list[str]) -> set[str]:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    seen: set[str] = set()
+    seen: set[tuple[str, ...]] = set()  # (name, *extras)
     todo = [(Requirement(r), ("",)) for r in requirements]
     while todo:
         req, extras = todo.pop()
@@ -201,13 +201,13 @@ def dependency_closure(requirements: list[str]) -> set[str]:
     return {key[0] for key in seen}
 
 
-def plain_environment(folder: Path) -> Path:
+def plain_environment(folder: Path) -> tuple[Path, list[str]]:
     """A virtual environment that sees only lit-cats' dependency closure among this
     interpreter's packages (symlinks into its site-packages): the packages ``pip install
     lit-cats`` would give, without what else this machine's image holds (on the GPU image:
     torchvision, scipy, matplotlib, which torchmetrics imports at start when it finds them).
-    Returns its interpreter. Packages on ``PYTHONPATH`` (the wheels carried to the GPU host)
-    stay visible, as the arms pass it on."""
+    Returns its interpreter and the entries it hides. Packages on ``PYTHONPATH`` (the wheels
+    carried to the GPU host) stay visible, as the arms pass it on."""
     import site
     from importlib import metadata
 
@@ -240,8 +240,7 @@ def plain_environment(folder: Path) -> Path:
                 hidden.append(entry.name)
             elif not (target / entry.name).exists():
                 (target / entry.name).symlink_to(entry)
-    (folder / "plain-venv-hidden.txt").write_text("\n".join(sorted(set(hidden))) + "\n")
-    return venv / "bin" / "python"
+    return venv / "bin" / "python", sorted(set(hidden))
 
 
 # ------------------------------------------------------------------------------- the arms
@@ -443,7 +442,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     model_dir = bench_train.build_random_phi3(args.model_dir, device, args.tiny)
     job = {**write_rows(model_dir, work, count, 50, 250), "epochs": epochs}
     cache = work / "inductor-cache"  # empty: the first compiling arm is cold
-    python = str(plain_environment(work)) if args.plain_env else sys.executable
+    python, hidden = sys.executable, []
+    if args.plain_env:
+        venv_python, hidden = plain_environment(work)
+        python = str(venv_python)
     results = []
     for arm in args.arms.split(","):
         if arm == "trl":
@@ -459,7 +461,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(json.dumps(row), flush=True)
     body = table(results, job)
     if args.plain_env:
-        hidden = (work / "plain-venv-hidden.txt").read_text().split()
         body += (
             "\n\n(plain install): lit-cats' dependency closure only; not visible to those arms: "
             + ", ".join(hidden)

@@ -56,8 +56,17 @@ def test_a_misspelled_command_gets_did_you_mean(capsys):
         (("--data.val_size", "1.5"), "val_size is a fraction in [0, 1), got 1.5."),
         (("--model.r", "0"), "LoRA rank r must be a positive integer, got 0."),
         (("--model.speed.loss_chunk_size", "0"), "loss_chunk_size must be >= 1 or null, got 0"),
+        (
+            (
+                "--model.speed.gradient_checkpointing",
+                "auto",
+                "--model.speed.uncheckpointed_layers",
+                "2",
+            ),
+            "gradient_checkpointing is auto, which may turn it off",
+        ),
     ],
-    ids=["data setting", "model setting", "speed setting"],
+    ids=["data setting", "model setting", "speed setting", "automatic checkpointing"],
 )
 def test_a_bad_setting_is_one_line(run_dir, fit_args, capsys, args, expected):
     message = usage_error(fit_args(*args), capsys)

@@ -528,6 +528,20 @@ def _nf4_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def _linear4bit_layers(module: nn.Module) -> list[nn.Module]:
+    """Every bitsandbytes 4-bit linear layer in ``module`` (none without bitsandbytes)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return []
+    return [layer for layer in module.modules() if isinstance(layer, Linear4bit)]
+
+
+def has_nf4_layers(module: nn.Module) -> bool:
+    """Whether ``module`` holds bitsandbytes 4-bit linear layers (a 4-bit base)."""
+    return bool(_linear4bit_layers(module))
+
+
 def trace_nf4_layers(module: nn.Module, keep_dequantized: bool = False) -> int:
     """Let compiled code see through every bitsandbytes 4-bit linear layer in ``module``.
 
@@ -539,20 +553,14 @@ def trace_nf4_layers(module: nn.Module, keep_dequantized: bool = False) -> int:
     one of two dequantizations saved per step without checkpointing, for the weight's 16-bit size
     in memory until its backward (all the decoder layers' 16-bit weights at the peak).
     """
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return 0
-    count = 0
-    for layer in module.modules():
-        if isinstance(layer, Linear4bit):
-            if not hasattr(layer, "_lit_cats_bnb_forward"):
-                layer._lit_cats_bnb_forward = layer.forward
-                layer.forward = types.MethodType(_nf4_forward, layer)
-            if keep_dequantized:
-                layer._lit_cats_keep_weight = True
-            count += 1
-    return count
+    layers = _linear4bit_layers(module)
+    for layer in layers:
+        if not hasattr(layer, "_lit_cats_bnb_forward"):
+            layer._lit_cats_bnb_forward = layer.forward
+            layer.forward = types.MethodType(_nf4_forward, layer)
+        if keep_dequantized:
+            layer._lit_cats_keep_weight = True
+    return len(layers)
 
 
 def mark_decode_layers(module: nn.Module) -> int:

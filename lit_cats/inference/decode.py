@@ -332,17 +332,17 @@ def choose_compile(
         Whether to compile, and why, in a few words.
     """
     from lit_cats.fast.compile import inductor_cache_is_warm
+    from lit_cats.fast.nf4 import has_nf4_layers
     from lit_cats.plan import calibration
     from lit_cats.plan.memory import Architecture
 
     lm = causal_lm(model)
-    weights = "nf4" if any(type(m).__name__ == "Linear4bit" for m in lm.modules()) else "bf16"
-    figures = calibration.decode_figures(calibration.gpu_kind(device_name), weights)
+    weights = "nf4" if has_nf4_layers(lm) else "bf16"
+    arch = Architecture.from_config(lm.config.to_dict())
+    figures = calibration.decode_figures(calibration.gpu_kind(device_name), weights, arch)
     if figures is None:
         return True, f"compiled (no {weights} decode figures for {device_name} to weigh)"
-    reference = calibration.load_table()["reference_model"]["linear_params"]
-    scale = Architecture.from_config(lm.config.to_dict()).linear_params() / reference
-    saved_ms = (figures.graphed_ms - figures.compiled_ms) * scale
+    saved_ms = figures.graphed_ms - figures.compiled_ms
     warm = inductor_cache_is_warm() if warm is None else warm
     cost = figures.compile_warm_s if warm else figures.compile_cold_s
     saving = steps * saved_ms / 1000
@@ -364,7 +364,7 @@ def _engine_saying(
     """:func:`_engine`, and the path it is (and why compiled or not), said once per model and
     path."""
     engine = _engine(model, s, slots, encoded, stream)
-    say_path(model, engine.describe + (f"; {engine.choice}" if engine.choice else ""))
+    say_path(model, engine.describe)
     return engine
 
 

@@ -89,8 +89,13 @@ class Engine:
                 (True, False): "compiled, no graph", (False, False): "eager, no graph"}[
             (compiled, graphs)
         ]  # fmt: skip
-        self.choice = ""  # why decode="auto" compiled the step or not (said with describe)
-        self.describe = f"fast decode ({mode}; static KV cache {slots} slots x {length} positions)"
+        self.choice = ""  # why decode="auto" compiled the step or not (part of describe)
+        self._path = f"fast decode ({mode}; static KV cache {slots} slots x {length} positions)"
+
+    @property
+    def describe(self) -> str:
+        """The path in one line, with why ``decode="auto"`` compiled the step or not."""
+        return self._path + (f"; {self.choice}" if self.choice else "")
 
     def fits(self, model: nn.Module, slots: int, length: int, compiled: bool, graphs: bool) -> bool:
         return (

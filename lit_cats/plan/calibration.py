@@ -7,7 +7,7 @@ never measured gets ``None`` and the plan says so, instead of a guess.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -155,14 +155,21 @@ class DecodeFigures:
 
 
 def decode_figures(
-    kind: str | None, weights: str, table: dict[str, Any] | None = None
+    kind: str | None, weights: str, arch: Architecture, table: dict[str, Any] | None = None
 ) -> DecodeFigures | None:
     """Decode step times and compile seconds on GPU ``kind`` for ``weights`` (``"bf16"``, a
-    16-bit model, or ``"nf4"``, a 4-bit base), or None where never measured there. Not
+    16-bit model, or ``"nf4"``, a 4-bit base), the step times scaled to ``arch`` by its linear
+    weights (which a step reads once), or None where never measured there. Not
     inherited from a card it is ``like``: decode steps are paced by memory bandwidth, which
     cards of the same compute do not share (H100 3.35 TB/s, H200 4.8 TB/s)."""
     if kind is None:
         return None
     table = table or load_table()
     row = table["gpus"][kind].get("decode", {}).get(weights)
-    return None if row is None else DecodeFigures(**row)
+    if row is None:
+        return None
+    scale = arch.linear_params() / table["reference_model"]["linear_params"]
+    figures = DecodeFigures(**row)
+    return replace(
+        figures, graphed_ms=figures.graphed_ms * scale, compiled_ms=figures.compiled_ms * scale
+    )

@@ -17,7 +17,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_cats.errors import UsageError
-from lit_cats.plan.planner import Plan, PlanSettings, make_plan, refusal
+from lit_cats.plan.planner import Plan, PlanSettings, choice_line, make_plan, refusal
 
 _DESCRIPTION = (
     "Predict a fit's GPU memory, steps and time from the same configs and flags as fit, before "
@@ -98,8 +98,8 @@ def check_before_fit(cli: Any) -> Plan | None:
     on_gpu = isinstance(trainer.accelerator, CUDAAccelerator)
     if not on_gpu and settings.device_memory_gb is None:
         rank_zero_info("lit-cats plan: training on the CPU, so the GPU memory check is skipped.")
-        _resolve_auto(speed, False, "no GPU: compiling costs more than it saves here")
-        _resolve_checkpointing(speed, True, "no GPU memory to plan against")
+        _resolve(speed, "compile", False, "no GPU: compiling costs more than it saves here")
+        _resolve(speed, "gradient_checkpointing", True, "no GPU memory to plan against")
         return None
     name, memory = _device(trainer) if on_gpu else (None, None)
     ranks = trainer.num_devices * trainer.num_nodes
@@ -107,14 +107,14 @@ def check_before_fit(cli: Any) -> Plan | None:
         plan = make_plan(config, settings, name, memory, ranks=ranks)
     except UsageError as exc:  # the load itself will say what is wrong, with its own fix
         rank_zero_info(f"lit-cats plan: skipped ({exc})")
-        _resolve_auto(speed, False, "no plan to decide from")
-        _resolve_checkpointing(speed, True, "no plan to decide from")
+        _resolve(speed, "compile", False, "no plan to decide from")
+        _resolve(speed, "gradient_checkpointing", True, "no plan to decide from")
         return None
     rank_zero_info("\n".join(plan.lines()))
     if plan.compile_choice is not None:
-        _resolve_auto(speed, *plan.compile_choice, say=False)
+        _resolve(speed, "compile", *plan.compile_choice, say=False)
     if plan.checkpointing_choice is not None:
-        _resolve_checkpointing(speed, *plan.checkpointing_choice, say=False)
+        _resolve(speed, "gradient_checkpointing", *plan.checkpointing_choice, say=False)
     if plan.fits is False:
         if not settings.force:
             raise UsageError(refusal(plan))
@@ -122,22 +122,14 @@ def check_before_fit(cli: Any) -> Plan | None:
     return plan
 
 
-def _resolve_auto(speed: Any, chosen: bool, why: str, say: bool = True) -> None:
-    """Replace ``compile: auto`` on the model's settings with the decision (before building)."""
-    if speed is None or speed.compile != "auto":
+def _resolve(speed: Any, setting: str, chosen: bool, why: str, say: bool = True) -> None:
+    """Replace ``setting: auto`` (``compile``, ``gradient_checkpointing``) on the model's speed
+    settings with the decision, before the model is built."""
+    if speed is None or getattr(speed, setting) != "auto":
         return
-    speed.compile = chosen
+    setattr(speed, setting, chosen)
     if say:
-        rank_zero_info(f"compile: auto -> {'compiled layers' if chosen else 'eager'}: {why}")
-
-
-def _resolve_checkpointing(speed: Any, chosen: bool, why: str, say: bool = True) -> None:
-    """Replace ``gradient_checkpointing: auto`` on the model's settings with the decision."""
-    if speed is None or speed.gradient_checkpointing != "auto":
-        return
-    speed.gradient_checkpointing = chosen
-    if say:
-        rank_zero_info(f"gradient_checkpointing: auto -> {'on' if chosen else 'off'}: {why}")
+        rank_zero_info(choice_line(setting, chosen, why))
 
 
 def _device(trainer: Any) -> tuple[str | None, int | None]:

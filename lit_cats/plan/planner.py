@@ -112,11 +112,9 @@ class Plan:
             "  " + self._time_line(),
         ]
         if self.checkpointing_choice is not None:
-            chosen, why = self.checkpointing_choice
-            out.append(f"  gradient_checkpointing: auto -> {'on' if chosen else 'off'}: {why}")
+            out.append("  " + choice_line("gradient_checkpointing", *self.checkpointing_choice))
         if self.compile_choice is not None:
-            chosen, why = self.compile_choice
-            out.append(f"  compile: auto -> {'compiled layers' if chosen else 'eager'}: {why}")
+            out.append("  " + choice_line("compile", *self.compile_choice))
         return out
 
     def _optimizer_note(self) -> str:
@@ -154,6 +152,15 @@ class Plan:
             minutes = self.total_steps * self.step.seconds / 60
             line += f", training {minutes:.1f} min (load, compile, validation not included)"
         return line + f" [{self.step.source}]"
+
+
+#: How each ``auto`` speed setting names its two outcomes (chosen, not chosen).
+_OUTCOMES = {"compile": ("compiled layers", "eager"), "gradient_checkpointing": ("on", "off")}
+
+
+def choice_line(setting: str, chosen: bool, why: str) -> str:
+    """The line saying what ``setting: auto`` became and why."""
+    return f"{setting}: auto -> {_OUTCOMES[setting][0 if chosen else 1]}: {why}"
 
 
 def size(n_bytes: float) -> str:
